@@ -1,0 +1,1 @@
+"""What switchd and switchdb share: config, error codes, logging, usage shape, wire protocol, ZeroMQ adapter."""

@@ -1,0 +1,40 @@
+"""One string enum of error codes and the one exception that carries a code."""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # What a client (or an operator at the CLI) caused.
+    EXTERNAL_MISSING_PARAMS = "EXTERNAL_MISSING_PARAMS"
+    EXTERNAL_BAD_PARAMS = "EXTERNAL_BAD_PARAMS"
+    EXTERNAL_INVALID_AUTH = "EXTERNAL_INVALID_AUTH"
+    EXTERNAL_NO_CREDITS = "EXTERNAL_NO_CREDITS"
+    EXTERNAL_OVER_CAPACITY = "EXTERNAL_OVER_CAPACITY"
+    EXTERNAL_BUFFER_OVERFLOW = "EXTERNAL_BUFFER_OVERFLOW"
+    EXTERNAL_PAYLOAD_TOO_LARGE = "EXTERNAL_PAYLOAD_TOO_LARGE"
+    EXTERNAL_BINARY_FRAME = "EXTERNAL_BINARY_FRAME"
+    EXTERNAL_IDLE_TIMEOUT = "EXTERNAL_IDLE_TIMEOUT"
+    EXTERNAL_NOT_FOUND = "EXTERNAL_NOT_FOUND"
+    EXTERNAL_CONFLICT = "EXTERNAL_CONFLICT"
+    # Everything else.
+    INTERNAL_ENV_KEY_NOT_FOUND = "INTERNAL_ENV_KEY_NOT_FOUND"
+    INTERNAL_BAD_CONFIG = "INTERNAL_BAD_CONFIG"
+    INTERNAL_DB_UNAVAILABLE = "INTERNAL_DB_UNAVAILABLE"
+    INTERNAL_DB_ENCRYPTION = "INTERNAL_DB_ENCRYPTION"
+    INTERNAL_MALFORMED_MESSAGE = "INTERNAL_MALFORMED_MESSAGE"
+    INTERNAL_UNKNOWN_TYPE = "INTERNAL_UNKNOWN_TYPE"
+    INTERNAL_BAD_USAGE = "INTERNAL_BAD_USAGE"
+    INTERNAL_UPSTREAM_UNAVAILABLE = "INTERNAL_UPSTREAM_UNAVAILABLE"
+    INTERNAL_UPSTREAM_REJECTED = "INTERNAL_UPSTREAM_REJECTED"
+    INTERNAL_SHUTTING_DOWN = "INTERNAL_SHUTTING_DOWN"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class SwitchError(Exception):
+    """The project's one exception type: a code, and a message for humans (never a secret)."""
+
+    def __init__(self, code: ErrorCode, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else str(code))
+        self.code = code
+        self.message = message or str(code)

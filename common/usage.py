@@ -1,0 +1,142 @@
+"""Token usage: running totals in the provider's own shape, and its strict JSON form on the wire.
+
+switchd adds each provider report into a `UsageTotals` (no per-report objects are kept) and
+sends `to_json()`; switchdb reads it back with `UsageTotals.from_json`, which refuses anything
+that is not a non-negative integer count.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from common.errors import ErrorCode, SwitchError
+
+
+def _count(value: object) -> int:
+    # Provider reports are trusted but must never crash or credit the account.
+    return value if type(value) is int and value > 0 else 0
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    input_text: int = 0
+    input_audio: int = 0
+    input_image: int = 0
+    input_cached: int = 0
+    output_text: int = 0
+    output_audio: int = 0
+    transcription_tokens: int = 0
+    transcription_seconds: float = 0.0
+    reports: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """What a batch deducts: input + output + transcription."""
+        return self.input_tokens + self.output_tokens + self.transcription_tokens
+
+    def add_response(self, usage: Mapping[str, object]) -> int:
+        """Add a `response.done` usage block; returns the tokens it deducts."""
+        inp, out = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+        self.input_tokens += inp
+        self.output_tokens += out
+        details = usage.get("input_token_details")
+        if isinstance(details, Mapping):
+            self.input_text += _count(details.get("text_tokens"))
+            self.input_audio += _count(details.get("audio_tokens"))
+            self.input_image += _count(details.get("image_tokens"))
+            self.input_cached += _count(details.get("cached_tokens"))
+        details = usage.get("output_token_details")
+        if isinstance(details, Mapping):
+            self.output_text += _count(details.get("text_tokens"))
+            self.output_audio += _count(details.get("audio_tokens"))
+        self.reports += 1
+        return inp + out
+
+    def add_transcription(self, usage: Mapping[str, object]) -> int:
+        """Add an input-transcription usage block; a duration report is kept in seconds and deducts nothing."""
+        self.reports += 1
+        if usage.get("type") == "duration":
+            seconds = usage.get("seconds")
+            if type(seconds) in (int, float) and seconds > 0:  # type: ignore[operator]
+                self.transcription_seconds += float(seconds)  # type: ignore[arg-type]
+            return 0
+        total = _count(usage.get("total_tokens"))
+        if not total:
+            total = _count(usage.get("input_tokens")) + _count(usage.get("output_tokens"))
+        self.transcription_tokens += total
+        return total
+
+    def merge(self, other: UsageTotals) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_json(self) -> str:
+        """The batch in the provider's usage shape (SPEC section 8)."""
+        return json.dumps(
+            {
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "total_tokens": self.tokens,
+                "input_token_details": {
+                    "text_tokens": self.input_text,
+                    "audio_tokens": self.input_audio,
+                    "image_tokens": self.input_image,
+                    "cached_tokens": self.input_cached,
+                },
+                "output_token_details": {"text_tokens": self.output_text, "audio_tokens": self.output_audio},
+                "transcription_tokens": self.transcription_tokens,
+                "transcription_seconds": self.transcription_seconds,
+                "reports": self.reports,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> UsageTotals:
+        """Strict reading of a batch; raises INTERNAL_BAD_USAGE on anything but non-negative integer counts."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json is not JSON") from None
+        if not isinstance(data, dict):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json must be an object")
+
+        def count(obj: Mapping[str, object], key: str) -> int:
+            value = obj.get(key, 0)
+            if type(value) is not int or value < 0:
+                raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage count {key} must be a non-negative integer")
+            return value
+
+        def details(key: str) -> Mapping[str, object]:
+            value = data.get(key, {})
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {key} must be an object")
+            return value
+
+        inp, out = details("input_token_details"), details("output_token_details")
+        seconds = data.get("transcription_seconds", 0)
+        if type(seconds) not in (int, float) or not 0 <= seconds < float("inf"):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
+        totals = cls(
+            input_tokens=count(data, "input_tokens"),
+            output_tokens=count(data, "output_tokens"),
+            input_text=count(inp, "text_tokens"),
+            input_audio=count(inp, "audio_tokens"),
+            input_image=count(inp, "image_tokens"),
+            input_cached=count(inp, "cached_tokens"),
+            output_text=count(out, "text_tokens"),
+            output_audio=count(out, "audio_tokens"),
+            transcription_tokens=count(data, "transcription_tokens"),
+            transcription_seconds=float(seconds),
+            reports=count(data, "reports"),
+        )
+        count(data, "total_tokens")  # optional, but when present it must be a valid count too
+        return totals
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)

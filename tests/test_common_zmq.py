@@ -1,0 +1,111 @@
+"""The Trio–ZeroMQ adapter against a real ROUTER: the pitfalls that stall naive adapters."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import trio
+import zmq
+
+from common.dbclient import open_db_client
+from common.errors import ErrorCode, SwitchError
+from common.wire import OK, MessageType, decode_request, encode_reply
+from common.zmq_trio import ZmqSocket
+
+_n = itertools.count()
+
+
+def endpoint(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/z{next(_n)}.sock"
+
+
+async def echo_router(ep: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, silent: bool = False) -> None:
+    """A ROUTER that answers every request with its own args (or never, when silent)."""
+    raw = zmq.Context.instance().socket(zmq.ROUTER)
+    raw.bind(ep)
+    sock = ZmqSocket(raw)
+    try:
+        task_status.started()
+        while True:
+            identity, *frames = await sock.recv()
+            if silent:
+                continue
+            req = decode_request(frames)
+            await sock.send([identity, *encode_reply(req.request_id, OK, *req.args)])
+    finally:
+        sock.close()
+
+
+async def test_queued_messages_are_all_received(tmp_path: Path) -> None:
+    # Messages already queued before the reader parks must not wait for an edge that never comes.
+    ep = endpoint(tmp_path)
+    ctx = zmq.Context.instance()
+    pull = ZmqSocket(ctx.socket(zmq.PULL))
+    pull.sock.bind(ep)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(ep)
+    for i in range(500):
+        push.send_multipart([str(i).encode()])
+    with trio.fail_after(10):
+        got = [int((await pull.recv())[0]) for _ in range(500)]
+    assert got == list(range(500))
+    push.close(linger=0)
+    pull.close()
+
+
+async def test_second_reader_is_refused(tmp_path: Path) -> None:
+    raw = zmq.Context.instance().socket(zmq.PULL)
+    raw.bind(endpoint(tmp_path))
+    sock = ZmqSocket(raw)
+    with pytest.raises(ExceptionGroup) as exc:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sock.recv)
+            nursery.start_soon(sock.recv)
+    assert exc.value.subgroup(trio.BusyResourceError) is not None
+    sock.close()
+
+
+async def test_many_concurrent_requests_do_not_stall(tmp_path: Path) -> None:
+    ep = endpoint(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(echo_router, ep)
+        async with open_db_client(ep, 5000) as db:
+            results: list[tuple[str, ...]] = []
+
+            async def worker(w: int) -> None:
+                for i in range(250):
+                    results.append(await db.request(MessageType.GET_CREDITS, f"{w}:{i}|\n\x00é"))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as workers:
+                    for w in range(32):
+                        workers.start_soon(worker, w)
+        nursery.cancel_scope.cancel()
+    assert len(results) == 32 * 250
+    assert all(r[0].endswith("|\n\x00é") for r in results)
+
+
+async def test_request_times_out_with_db_unavailable(tmp_path: Path) -> None:
+    ep = endpoint(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: echo_router(ep, task_status=task_status, silent=True))
+        async with open_db_client(ep, 50) as db:
+            with pytest.raises(SwitchError) as exc:
+                await db.request(MessageType.PING)
+            assert exc.value.code == ErrorCode.INTERNAL_DB_UNAVAILABLE
+        nursery.cancel_scope.cancel()
+
+
+async def test_fire_and_forget_sends_arrive_in_order(tmp_path: Path) -> None:
+    ep = endpoint(tmp_path)
+    raw = zmq.Context.instance().socket(zmq.ROUTER)
+    raw.bind(ep)
+    router = ZmqSocket(raw)
+    async with open_db_client(ep, 5000) as db:
+        for i in range(2000):
+            await db.send(MessageType.APPEND_CONVERSATION, "acct", "s", str(i))
+        with trio.fail_after(10):
+            got = [decode_request((await router.recv())[1:]).args[2] for _ in range(2000)]
+    assert got == [str(i) for i in range(2000)]
+    router.close()
