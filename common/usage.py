@@ -7,6 +7,7 @@ that is not a non-negative integer count.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
@@ -60,7 +61,7 @@ class UsageTotals:
         self.reports += 1
         if usage.get("type") == "duration":
             seconds = usage.get("seconds")
-            if type(seconds) in (int, float) and seconds > 0:  # type: ignore[operator]
+            if type(seconds) in (int, float) and 0 < seconds < math.inf:  # type: ignore[operator]
                 self.transcription_seconds += float(seconds)  # type: ignore[arg-type]
             return 0
         total = _count(usage.get("total_tokens"))
@@ -120,7 +121,7 @@ class UsageTotals:
 
         inp, out = details("input_token_details"), details("output_token_details")
         seconds = data.get("transcription_seconds", 0)
-        if type(seconds) not in (int, float) or not 0 <= seconds < float("inf"):
+        if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
             raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
         totals = cls(
             input_tokens=count(data, "input_tokens"),

@@ -148,3 +148,9 @@ def test_bad_numbers_and_secrets_in_repr(tmp_path: Path) -> None:
     assert exc.value.code == ErrorCode.INTERNAL_BAD_CONFIG and "ZMQ_TIMEOUT_MS" in exc.value.message
     s = load_settings("switchd", {"ZMQ_SOCKET_PATH": "x", "OPENAI_API_KEY": "sk-secret-123"}, tmp_path / ".env")
     assert "sk-secret-123" not in repr(s)
+
+
+def test_non_finite_duration_is_ignored() -> None:
+    totals = UsageTotals()
+    totals.add_transcription(json.loads('{"type":"duration","seconds":Infinity}'))
+    assert totals.transcription_seconds == 0 and UsageTotals.from_json(totals.to_json()) == totals

@@ -1,0 +1,125 @@
+"""The switch daemon: accept, authenticate, run sessions; on shutdown close them and flush usage.
+
+Three nested nurseries, as in hypercorn's trio runner: the listener (cancelled first, so no new
+sessions start), the sessions (told to close with 1001, then given part of the grace), and the
+daemon's own services (the usage outbox and /metrics), which outlive the sessions so their
+last usage is delivered — or spooled when SHUTDOWN_GRACE runs out.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from common.config import Settings
+from common.dbclient import open_db_client
+from common.errors import ErrorCode, SwitchError
+from common.wire import MessageType
+from switchd.billing import Outbox
+from switchd.handshake import HTTP_STATUS, parse_client_request, redact
+from switchd.metrics import Metrics, serve_metrics
+from switchd.session import CLEANUP_S, RECEIVE_BUFFER, Session, Switch
+
+log = logging.getLogger(__name__)
+
+# Frames over MAX_PAYLOAD_LENGTH get an error event; only frames past this multiple of it
+# (or 16 MiB) are cut off by the WebSocket layer with 1009.
+HARD_LIMIT_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    port: int
+    metrics_port: int
+
+
+async def wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            return
+
+
+async def handle(switch: Switch, request: WebSocketRequest) -> None:
+    metrics = switch.metrics
+    try:
+        params = parse_client_request(request.path, request.headers, request.proposed_subprotocols)
+        limit = switch.settings.max_sessions
+        if limit and metrics.sessions_open >= limit:
+            raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{limit} sessions open")
+    except SwitchError as exc:
+        await _reject(request, exc, metrics)
+        return
+    metrics.sessions_open += 1  # counted from here so concurrent handshakes respect MAX_SESSIONS
+    try:
+        previous = switch.sessions.get(params.session_id)
+        if previous is not None and previous.client.closed is not None:
+            with trio.move_on_after(CLEANUP_S):
+                await previous.done.wait()
+        try:
+            account_id, credits, restore = await switch.db.request(
+                MessageType.VALIDATE_AND_LOAD, params.key, params.session_id
+            )
+        except SwitchError as exc:
+            await _reject(request, exc, metrics)
+            return
+        ws = await request.accept(subprotocol=params.subprotocol)
+        metrics.sessions_total += 1
+        log.info("session open %s", redact(request.path), extra={"account": account_id, "session": params.session_id})
+        await Session(switch, ws, params, account_id, int(credits), restore).run()
+    finally:
+        metrics.sessions_open -= 1
+
+
+async def _reject(request: WebSocketRequest, exc: SwitchError, metrics: Metrics) -> None:
+    metrics.sessions_rejected += 1
+    status = HTTP_STATUS.get(exc.code, 500)
+    log.info("handshake rejected %d %s for %s", status, exc.code, redact(request.path))
+    await request.reject(status, extra_headers=[(b"Content-Type", b"text/plain")], body=exc.code.value.encode())
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    metrics = Metrics()
+    outbox = Outbox(Path(settings.spool_dir))
+    outbox.load_spool()
+    grace = settings.shutdown_grace
+    async with open_db_client(settings.zmq_socket_path, settings.zmq_timeout_ms) as db:
+        db.observe_rtt = metrics.observe_rtt
+        switch = Switch(settings, db, metrics, outbox, trio.Event(), {})
+        async with trio.open_nursery() as services:
+            await services.start(outbox.run, db)
+            metrics_port = await services.start(serve_metrics, settings.host, settings.metrics_port, metrics, db)
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as listener:
+                    server = await listener.start(partial(
+                        serve_websocket, partial(handle, switch), settings.host, settings.port, None,
+                        handler_nursery=sessions,
+                        max_message_size=max(HARD_LIMIT_FACTOR * settings.max_payload_length, 16 * 1024 * 1024),
+                        receive_buffer_size=RECEIVE_BUFFER, connect_timeout=10, disconnect_timeout=2,
+                    ))
+                    log.info("listening on ws://%s:%d", settings.host, server.port)
+                    task_status.started(Bound(server.port, metrics_port))
+                    await shutdown_trigger()
+                    listener.cancel_scope.cancel()
+                deadline = trio.current_time() + grace
+                switch.shutdown.set()
+                # Sessions close with 1001 and hand their usage to the outbox; past half the grace they are cut.
+                sessions.cancel_scope.deadline = trio.current_time() + grace / 2
+            with trio.move_on_after(max(0.0, deadline - trio.current_time() - 0.5)):
+                await outbox.drained()
+            spooled = len(outbox.unacked)
+            outbox.spill()
+            metrics.usage_batches_spooled += spooled
+            services.cancel_scope.cancel()
+    log.info("stopped")

@@ -1,0 +1,281 @@
+"""One client session: a nursery whose tasks relay, meter and remember until the first one ends.
+
+Tasks: the client reader, the upstream connection (connect, restore, read, reconnect), the
+usage batcher and a shutdown watcher. A task that ends the session for good either returns
+(client gone, provider ended the session) and cancels the nursery, or raises SwitchError,
+whose code picks the close code and the error event the client gets. Cleanup runs shielded
+under a deadline: usage goes to the outbox, the conversation to switchdb, then the sockets close.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from urllib.parse import parse_qs, urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from common.config import Settings
+from common.dbclient import DbClient
+from common.errors import ErrorCode, SwitchError
+from common.wire import MessageType
+from switchd.billing import Ledger, Outbox, run_batcher
+from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
+from switchd.handshake import ClientParams, upstream_url
+from switchd.metering import AUDIO_DELTA_PREFIX, meter, upstream_event
+from switchd.metrics import Metrics
+from switchd.transcript import Conversation
+from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_FRAMES = 10_000
+CHECKPOINT_CHARS = 200
+UPSTREAM_MAX_MESSAGE = 32 * 1024 * 1024  # the provider's audio events reach 15 MiB
+RECEIVE_BUFFER = 64 * 1024  # an 8 KB audio frame in one read, not three
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+CLEANUP_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """What every session of one daemon shares; built once in `serve`."""
+
+    settings: Settings
+    db: DbClient
+    metrics: Metrics
+    outbox: Outbox
+    shutdown: trio.Event
+    # The latest session of each session id, until its cleanup is done: a client that closed and
+    # reconnects at once waits for its last conversation flush before its restore is loaded.
+    sessions: dict[str, Session]
+
+
+class Session:
+    def __init__(
+        self, switch: Switch, client: WebSocketConnection, params: ClientParams,
+        account_id: str, credits: int, restore: str,
+    ) -> None:
+        self.switch = switch
+        self.client = client
+        self.params = params
+        self.account_id = account_id
+        self.restore = restore  # the stored session.update, sent first on every upstream connect
+        self.url = upstream_url(switch.settings.upstream_url, params.model)
+        self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), credits)
+        self.conversation = Conversation()
+        self.up: WebSocketConnection | None = None  # the open upstream, once restored and drained
+        self.pending: deque[str] = deque()  # client frames waiting for an upstream
+        self.log_extra = {"account": account_id, "session": params.session_id}
+        self.done = trio.Event()  # set once cleanup has handed everything over
+
+    async def run(self) -> None:
+        code, reason, event = CLOSE_NORMAL, "", None
+        started = time.monotonic()
+        self.switch.sessions[self.params.session_id] = self
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_client, nursery.cancel_scope)
+                nursery.start_soon(self._run_upstream, nursery.cancel_scope)
+                nursery.start_soon(run_batcher, self.ledger, self.switch.db)
+                nursery.start_soon(self._watch_shutdown)
+        except* SwitchError as group:
+            exc = _first(group)
+            code = CLOSE_CODES.get(exc.code, CLOSE_UPSTREAM)
+            reason = exc.message if exc.code == ErrorCode.INTERNAL_UPSTREAM_REJECTED else exc.code.value
+            # On a provider fault the client has the provider's own error event already.
+            if exc.code not in (ErrorCode.INTERNAL_SHUTTING_DOWN, ErrorCode.INTERNAL_UPSTREAM_REJECTED):
+                event = error_event(exc.code, exc.message)
+            if exc.code == ErrorCode.EXTERNAL_NO_CREDITS:
+                self.switch.metrics.credit_cutoffs += 1
+            log.info("session ending: %s", exc.code, extra=self.log_extra)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLEANUP_S):
+                    await self._cleanup(code, reason, event)
+            self.done.set()
+            if self.switch.sessions.get(self.params.session_id) is self:
+                del self.switch.sessions[self.params.session_id]
+            log.info(
+                "session closed with %d after %.1f s", code, time.monotonic() - started, extra=self.log_extra
+            )
+
+    async def _cleanup(self, code: int, reason: str, event: str | None) -> None:
+        # Hand-offs first: they cannot block, so nothing is lost if the deadline hits while closing.
+        for batch in (self.ledger.inflight, self.ledger.take_batch()):
+            if batch is not None:
+                self.switch.outbox.submit(batch)
+        self.ledger.inflight = None
+        text = self.conversation.close()
+        if text:
+            await self.switch.db.send(MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, text)
+        try:
+            if event is not None:
+                await self.client.send_message(event)
+            await self.client.aclose(code, reason.encode()[:120].decode(errors="ignore"))
+        except ConnectionClosed:
+            pass
+        if self.up is not None:
+            with trio.move_on_after(1):
+                await self.up.aclose()
+
+    async def _watch_shutdown(self) -> None:
+        await self.switch.shutdown.wait()
+        raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
+
+    async def _read_client(self, done: trio.CancelScope) -> None:
+        client, metrics = self.client, self.switch.metrics
+        limit, idle = self.switch.settings.max_payload_length, self.switch.settings.idle_timeout
+        with trio.CancelScope(deadline=trio.current_time() + idle) as idle_scope:
+            while True:
+                try:
+                    frame = await client.get_message()
+                except ConnectionClosed:
+                    done.cancel()
+                    return
+                idle_scope.deadline = trio.current_time() + idle
+                if type(frame) is bytes:
+                    await client.send_message(error_event(
+                        ErrorCode.EXTERNAL_BINARY_FRAME,
+                        "Expected a text WebSocket message; binary frames are not supported.",
+                    ))
+                    continue
+                if len(frame) > limit:
+                    await client.send_message(error_event(
+                        ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {len(frame)} bytes exceeds the {limit}-byte limit."
+                    ))
+                    continue
+                metrics.frames_in += 1
+                metrics.bytes_in += len(frame)
+                up = self.up
+                if up is not None:
+                    try:
+                        await up.send_message(frame)
+                        continue
+                    except ConnectionClosed:
+                        pass  # the upstream task reconnects; this frame waits with the others
+                if len(self.pending) >= MAX_PENDING_FRAMES:
+                    raise SwitchError(
+                        ErrorCode.EXTERNAL_BUFFER_OVERFLOW, f"more than {MAX_PENDING_FRAMES} frames waiting for the provider"
+                    )
+                self.pending.append(frame)
+        raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
+
+    async def _run_upstream(self, done: trio.CancelScope) -> None:
+        settings = self.switch.settings
+        headers = [(b"Authorization", f"Bearer {settings.openai_api_key}".encode())] if settings.openai_api_key else []
+        tries, reconnecting = 0, False
+        while True:
+            opened_at = None
+            try:
+                async with open_websocket_url(
+                    self.url, extra_headers=headers, max_message_size=UPSTREAM_MAX_MESSAGE,
+                    receive_buffer_size=RECEIVE_BUFFER, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
+                    disconnect_timeout=2,
+                ) as up:
+                    opened_at = trio.current_time()
+                    if reconnecting:
+                        await self._refresh_restore()
+                    if self.restore:
+                        await up.send_message(self.restore)
+                    while self.pending:
+                        await up.send_message(self.pending[0])
+                        self.pending.popleft()
+                    self.up = up
+                    try:
+                        await self._read_upstream(up, reconnecting)
+                    finally:
+                        self.up = None
+            except ConnectionClosed as exc:
+                close = exc.reason
+                code, reason = (close.code, close.reason or "") if close is not None else (None, "")
+            except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
+                code, reason = None, type(exc).__name__
+            action = close_action(code)
+            if action is CloseAction.END:
+                done.cancel()
+                return
+            if action is CloseAction.FATAL:
+                raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_REJECTED, reason or f"provider closed with {code}")
+            if opened_at is not None and trio.current_time() - opened_at >= HEALTHY_AFTER_S:
+                tries = 0
+            tries += 1
+            if tries > MAX_TRIES:
+                raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_UNAVAILABLE, f"provider unavailable after {MAX_TRIES} tries")
+            self.switch.metrics.upstream_reconnects += 1
+            log.warning("upstream lost (%s); reconnect %d/%d", code, tries, MAX_TRIES, extra=self.log_extra)
+            reconnecting = True
+            await trio.sleep(backoff(tries))
+
+    async def _refresh_restore(self) -> None:
+        """Before re-sending the session, get it back from switchdb with the conversation so far."""
+        db = self.switch.db
+        text = self.conversation.take()
+        if text:
+            await db.send(MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, text)
+        try:
+            fields = await db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
+        except SwitchError as exc:
+            if exc.code != ErrorCode.INTERNAL_DB_UNAVAILABLE:
+                raise
+            log.warning("switchdb unavailable; restoring the session as it was at connect", extra=self.log_extra)
+            return
+        self.restore = fields[2]
+
+    async def _read_upstream(self, up: WebSocketConnection, reconnected: bool) -> None:
+        client, metrics, ledger = self.client, self.switch.metrics, self.ledger
+        while True:
+            frame = await up.get_message()
+            metrics.frames_out += 1
+            metrics.bytes_out += len(frame)
+            if type(frame) is not str or frame.startswith(AUDIO_DELTA_PREFIX):
+                await client.send_message(frame)
+                continue
+            event = upstream_event(frame)
+            if event is None:
+                await client.send_message(frame)
+                continue
+            if await self._act(event, frame, reconnected):
+                await client.send_message(frame)
+            tokens = meter(event, ledger.totals)
+            if tokens or event["type"] == "response.done":
+                ledger.added(tokens)
+                metrics.tokens_metered += tokens
+                if ledger.credits <= 0:
+                    raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
+            self.conversation.observe(event)
+            if len(self.conversation) >= CHECKPOINT_CHARS:
+                await self.switch.db.send(
+                    MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, self.conversation.take()
+                )
+
+    async def _act(self, event: Mapping[str, object], frame: str, reconnected: bool) -> bool:
+        """Act on a session event; False for the events a resumed client must not see."""
+        kind = event["type"]
+        if kind == "session.updated":
+            await self.switch.db.send(MessageType.SAVE_SESSION, self.account_id, self.params.session_id, frame)
+        elif kind == "session.created":
+            session = event.get("session")
+            if isinstance(session, Mapping) and isinstance(session.get("model"), str):
+                self.ledger.model = session["model"]  # the provider's own name for what it bills
+            return not reconnected  # a resumed client already has its session
+        elif kind == "error":
+            error = event.get("error")
+            # The provider's session cap is handled by reconnecting; the client carries on.
+            return not (isinstance(error, Mapping) and error.get("code") == "session_expired")
+        return True
+
+
+def _model_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query).get("model", ["gpt-realtime"])[0]
+
+
+def _first(group: BaseExceptionGroup[SwitchError]) -> SwitchError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, SwitchError)
+    return leaf
