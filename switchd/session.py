@@ -25,7 +25,7 @@ from common.wire import MessageType
 from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
-from switchd.metering import AUDIO_DELTA_PREFIX, meter, upstream_event
+from switchd.metering import AUDIO_DELTA_PREFIX, USAGE_TYPES, meter, upstream_event
 from switchd.metrics import Metrics
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
@@ -92,6 +92,11 @@ class Session:
             if exc.code == ErrorCode.EXTERNAL_NO_CREDITS:
                 self.switch.metrics.credit_cutoffs += 1
             log.info("session ending: %s", exc.code, extra=self.log_extra)
+        except* Exception:
+            # A bug must end only its own session, never the daemon.
+            log.exception("session failed", extra=self.log_extra)
+            code, reason = CLOSE_UPSTREAM, ErrorCode.INTERNAL_ERROR.value
+            event = error_event(ErrorCode.INTERNAL_ERROR, "The switch had an internal error.")
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(CLEANUP_S):
@@ -118,9 +123,6 @@ class Session:
             await self.client.aclose(code, reason.encode()[:120].decode(errors="ignore"))
         except ConnectionClosed:
             pass
-        if self.up is not None:
-            with trio.move_on_after(1):
-                await self.up.aclose()
 
     async def _watch_shutdown(self) -> None:
         await self.switch.shutdown.wait()
@@ -190,6 +192,9 @@ class Session:
                     finally:
                         self.up = None
             except ConnectionClosed as exc:
+                if self.client.closed is not None:
+                    done.cancel()  # it was the client that went away, mid-relay
+                    return
                 close = exc.reason
                 code, reason = (close.code, close.reason or "") if close is not None else (None, "")
             except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
@@ -240,8 +245,8 @@ class Session:
                 continue
             if await self._act(event, frame, reconnected):
                 await client.send_message(frame)
-            tokens = meter(event, ledger.totals)
-            if tokens or event["type"] == "response.done":
+            if event["type"] in USAGE_TYPES:
+                tokens = meter(event, ledger.totals)
                 ledger.added(tokens)
                 metrics.tokens_metered += tokens
                 if ledger.credits <= 0:

@@ -81,6 +81,9 @@ async def test_session_is_saved_and_restored_with_its_conversation(stack: Stack,
                 # The provider echoes the restored config, context included; it must not be saved back.
                 await up.send_json(session_updated(session["instructions"]))
                 await drain(ws, 1)
+    for log in ("switchd.log", "switchdb.log"):  # never a transcript (nor a key) in the logs
+        text = (stack.tmp / log).read_text()
+        assert "café" not in text and "Quoted" not in text and key not in text
 
 
 async def test_sessions_are_private_to_their_account(stack: Stack, provider: ScriptedProvider) -> None:

@@ -223,3 +223,60 @@ async def test_sigterm_closes_1001_and_flushes_pending_usage(stack: Stack, provi
         with trio.fail_after(15):
             assert await sw.proc.wait() == 0
     assert await stack.credits(account_id) == 10_000 - 100
+
+
+async def hanging_provider(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Accepts TCP connections and never answers the WebSocket handshake."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, hold, listeners)
+        task_status.started(f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1/realtime")
+
+
+async def wait_metric(sw, line: str) -> None:
+    with trio.fail_after(10):
+        while line not in (await http_get(metrics_url(sw)))[1]:
+            await trio.lowlevel.checkpoint()
+
+
+async def test_buffer_overflow_while_provider_is_not_open(stack: Stack) -> None:
+    _, key = await stack.account()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(hanging_provider)
+        async with stack.switchd(url) as sw:
+            async with open_websocket_url(client_url(sw, key, "flood")) as ws:
+                with trio.fail_after(30), pytest.raises(ConnectionClosed) as closed:
+                    for _ in range(10_001):
+                        await ws.send_message('{"type":"input_audio_buffer.append","audio":"AAAA"}')
+                    error = json.loads(await ws.get_message())
+                    await ws.get_message()
+            assert error["error"]["code"] == "EXTERNAL_BUFFER_OVERFLOW"
+            assert closed.value.reason.code == 1008
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_leaving_before_upstream_opens_ends_the_session(stack: Stack) -> None:
+    _, key = await stack.account()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(hanging_provider)
+        async with stack.switchd(url) as sw:
+            async with open_websocket_url(client_url(sw, key, "early")) as ws:
+                await ws.send_message('{"type":"response.create"}')
+                await wait_metric(sw, "switch_sessions_open 1")
+            await wait_metric(sw, "switch_sessions_open 0")
+        nursery.cancel_scope.cancel()
+
+
+async def test_missing_config_key_stops_switchd_naming_it(tmp_path: Path) -> None:
+    from tests.daemons import BIN, base_env
+
+    result = await trio.run_process([str(BIN / "switchd")], env=base_env(UPSTREAM_URL="ws://127.0.0.1:1/"),
+                                    cwd=tmp_path, capture_stderr=True, check=False)
+    assert result.returncode == 2
+    assert "ZMQ_SOCKET_PATH" in result.stderr.decode() and "Traceback" not in result.stderr.decode()
