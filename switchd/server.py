@@ -15,7 +15,6 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
 
 from common.config import Settings
 from common.dbclient import open_db_client
@@ -24,13 +23,16 @@ from common.wire import MessageType
 from switchd.billing import Outbox
 from switchd.handshake import HTTP_STATUS, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
-from switchd.session import CLEANUP_S, RECEIVE_BUFFER, Session, Switch
+from switchd.session import CLEANUP_S, Session, Switch
+from switchd.ws import WsConnection, read_head
+from switchd.ws_codec import accept_response, check_upgrade_request, reject_response
 
 log = logging.getLogger(__name__)
 
 # Frames over MAX_PAYLOAD_LENGTH get an error event; only frames past this multiple of it
 # (or 16 MiB) are cut off by the WebSocket layer with 1009.
 HARD_LIMIT_FACTOR = 4
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +48,22 @@ async def wait_for_signal() -> None:
             return
 
 
-async def handle(switch: Switch, request: WebSocketRequest) -> None:
-    metrics = switch.metrics
+async def handle(switch: Switch, stream: trio.SocketStream) -> None:
+    """One TCP connection: the upgrade, authentication, then the session."""
+    metrics, settings = switch.metrics, switch.settings
     try:
-        params = parse_client_request(request.path, request.headers, request.proposed_subprotocols)
-        limit = switch.settings.max_sessions
-        if limit and metrics.sessions_open >= limit:
-            raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{limit} sessions open")
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            head, rest = await read_head(stream, bytearray())
+        target, key = check_upgrade_request(head)
+    except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await _respond(stream, reject_response(426, "a WebSocket upgrade is required"))
+        return
+    try:
+        params = parse_client_request(target, head.headers, head.tokens(b"sec-websocket-protocol"))
+        if settings.max_sessions and metrics.sessions_open >= settings.max_sessions:
+            raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{settings.max_sessions} sessions open")
     except SwitchError as exc:
-        await _reject(request, exc, metrics)
+        await _reject(stream, target, exc, metrics)
         return
     metrics.sessions_open += 1  # counted from here so concurrent handshakes respect MAX_SESSIONS
     try:
@@ -67,21 +76,38 @@ async def handle(switch: Switch, request: WebSocketRequest) -> None:
                 MessageType.VALIDATE_AND_LOAD, params.key, params.session_id
             )
         except SwitchError as exc:
-            await _reject(request, exc, metrics)
+            await _reject(stream, target, exc, metrics)
             return
-        ws = await request.accept(subprotocol=params.subprotocol)
+        if not await _respond(stream, accept_response(key, params.subprotocol), close=False):
+            return
         metrics.sessions_total += 1
-        log.info("session open %s", redact(request.path), extra={"account": account_id, "session": params.session_id})
-        await Session(switch, ws, params, account_id, int(credits), restore).run()
+        log.info("session open %s", redact(target), extra={"account": account_id, "session": params.session_id})
+        client = WsConnection(stream, rest, server=True, max_message=_hard_limit(settings))
+        await Session(switch, client, params, account_id, int(credits), restore).run()
     finally:
         metrics.sessions_open -= 1
 
 
-async def _reject(request: WebSocketRequest, exc: SwitchError, metrics: Metrics) -> None:
+def _hard_limit(settings: Settings) -> int:
+    return max(HARD_LIMIT_FACTOR * settings.max_payload_length, 16 * 1024 * 1024)
+
+
+async def _respond(stream: trio.SocketStream, data: bytes, close: bool = True) -> bool:
+    try:
+        await stream.send_all(data)
+        return True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    finally:
+        if close:
+            await trio.aclose_forcefully(stream)
+
+
+async def _reject(stream: trio.SocketStream, target: str, exc: SwitchError, metrics: Metrics) -> None:
     metrics.sessions_rejected += 1
     status = HTTP_STATUS.get(exc.code, 500)
-    log.info("handshake rejected %d %s for %s", status, exc.code, redact(request.path))
-    await request.reject(status, extra_headers=[(b"Content-Type", b"text/plain")], body=exc.code.value.encode())
+    log.info("handshake rejected %d %s for %s", status, exc.code, redact(target))
+    await _respond(stream, reject_response(status, exc.code.value))
 
 
 async def serve(
@@ -102,14 +128,12 @@ async def serve(
             metrics_port = await services.start(serve_metrics, settings.host, settings.metrics_port, metrics, db)
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as listener:
-                    server = await listener.start(partial(
-                        serve_websocket, partial(handle, switch), settings.host, settings.port, None,
-                        handler_nursery=sessions,
-                        max_message_size=max(HARD_LIMIT_FACTOR * settings.max_payload_length, 16 * 1024 * 1024),
-                        receive_buffer_size=RECEIVE_BUFFER, connect_timeout=10, disconnect_timeout=2,
-                    ))
-                    log.info("listening on ws://%s:%d", settings.host, server.port)
-                    task_status.started(Bound(server.port, metrics_port))
+                    listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+                    port = listeners[0].socket.getsockname()[1]
+                    await listener.start(partial(trio.serve_listeners, partial(handle, switch), listeners,
+                                                 handler_nursery=sessions))
+                    log.info("listening on ws://%s:%d", settings.host, port)
+                    task_status.started(Bound(port, metrics_port))
                     await shutdown_trigger()
                     listener.cancel_scope.cancel()
                 deadline = trio.current_time() + grace

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
 from common.config import Settings
 from common.dbclient import DbClient
@@ -26,16 +25,19 @@ from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
 from switchd.metering import AUDIO_DELTA_PREFIX, USAGE_TYPES, meter, upstream_event
+
+AUDIO_DELTA = AUDIO_DELTA_PREFIX.encode()
 from switchd.metrics import Metrics
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
+from switchd.ws import Closed, ConnectError, WsConnection, connect
+from switchd.ws_codec import OP_BINARY, OP_TEXT, encode_frame
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 10_000
 CHECKPOINT_CHARS = 200
 UPSTREAM_MAX_MESSAGE = 32 * 1024 * 1024  # the provider's audio events reach 15 MiB
-RECEIVE_BUFFER = 64 * 1024  # an 8 KB audio frame in one read, not three
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 CLEANUP_S = 3.0
 
@@ -56,7 +58,7 @@ class Switch:
 
 class Session:
     def __init__(
-        self, switch: Switch, client: WebSocketConnection, params: ClientParams,
+        self, switch: Switch, client: WsConnection, params: ClientParams,
         account_id: str, credits: int, restore: str,
     ) -> None:
         self.switch = switch
@@ -67,8 +69,8 @@ class Session:
         self.url = upstream_url(switch.settings.upstream_url, params.model)
         self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), credits)
         self.conversation = Conversation()
-        self.up: WebSocketConnection | None = None  # the open upstream, once restored and drained
-        self.pending: deque[str] = deque()  # client frames waiting for an upstream
+        self.up: WsConnection | None = None  # the open upstream, once restored and drained
+        self.pending: deque[bytes] = deque()  # client frames (as masked bytes) waiting for an upstream
         self.log_extra = {"account": account_id, "session": params.session_id}
         self.done = trio.Event()  # set once cleanup has handed everything over
 
@@ -119,10 +121,10 @@ class Session:
             await self.switch.db.send(MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, text)
         try:
             if event is not None:
-                await self.client.send_message(event)
-            await self.client.aclose(code, reason.encode()[:120].decode(errors="ignore"))
-        except ConnectionClosed:
+                await self.client.send_text(event)
+        except Closed:
             pass
+        await self.client.aclose(code, reason)
 
     async def _watch_shutdown(self) -> None:
         await self.switch.shutdown.wait()
@@ -134,30 +136,31 @@ class Session:
         with trio.CancelScope(deadline=trio.current_time() + idle) as idle_scope:
             while True:
                 try:
-                    frame = await client.get_message()
-                except ConnectionClosed:
+                    opcode, frame, header = await client.receive()
+                except Closed:
                     done.cancel()
                     return
                 idle_scope.deadline = trio.current_time() + idle
-                if type(frame) is bytes:
-                    await client.send_message(error_event(
+                if opcode == OP_BINARY:
+                    await client.send_text(error_event(
                         ErrorCode.EXTERNAL_BINARY_FRAME,
                         "Expected a text WebSocket message; binary frames are not supported.",
                     ))
                     continue
-                if len(frame) > limit:
-                    await client.send_message(error_event(
-                        ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {len(frame)} bytes exceeds the {limit}-byte limit."
+                size = len(frame) - header
+                if size > limit:
+                    await client.send_text(error_event(
+                        ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {size} bytes exceeds the {limit}-byte limit."
                     ))
                     continue
                 metrics.frames_in += 1
-                metrics.bytes_in += len(frame)
+                metrics.bytes_in += size
                 up = self.up
                 if up is not None:
                     try:
-                        await up.send_message(frame)
+                        await up.send_raw(frame)  # still masked with the client's key: valid as it stands
                         continue
-                    except ConnectionClosed:
+                    except Closed:
                         pass  # the upstream task reconnects; this frame waits with the others
                 if len(self.pending) >= MAX_PENDING_FRAMES:
                     raise SwitchError(
@@ -173,32 +176,29 @@ class Session:
         while True:
             opened_at = None
             try:
-                async with open_websocket_url(
-                    self.url, extra_headers=headers, max_message_size=UPSTREAM_MAX_MESSAGE,
-                    receive_buffer_size=RECEIVE_BUFFER, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
-                    disconnect_timeout=2,
-                ) as up:
+                up = await connect(self.url, headers, max_message=UPSTREAM_MAX_MESSAGE, timeout=UPSTREAM_CONNECT_TIMEOUT_S)
+                try:
                     opened_at = trio.current_time()
                     if reconnecting:
                         await self._refresh_restore()
                     if self.restore:
-                        await up.send_message(self.restore)
+                        await up.send_raw(encode_frame(OP_TEXT, self.restore.encode(), mask=True))
                     while self.pending:
-                        await up.send_message(self.pending[0])
+                        await up.send_raw(self.pending[0])
                         self.pending.popleft()
                     self.up = up
-                    try:
-                        await self._read_upstream(up, reconnecting)
-                    finally:
-                        self.up = None
-            except ConnectionClosed as exc:
+                    await self._read_upstream(up, reconnecting)
+                finally:
+                    self.up = None
+                    with trio.CancelScope(shield=True):
+                        await up.aclose(1000, "", wait=0)
+            except Closed as exc:
                 if self.client.closed is not None:
                     done.cancel()  # it was the client that went away, mid-relay
                     return
-                close = exc.reason
-                code, reason = (close.code, close.reason or "") if close is not None else (None, "")
-            except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-                code, reason = None, type(exc).__name__
+                code, reason = exc.code, exc.reason
+            except ConnectError as exc:
+                code, reason = None, str(exc)
             action = close_action(code)
             if action is CloseAction.END:
                 done.cancel()
@@ -230,21 +230,25 @@ class Session:
             return
         self.restore = fields[2]
 
-    async def _read_upstream(self, up: WebSocketConnection, reconnected: bool) -> None:
+    async def _read_upstream(self, up: WsConnection, reconnected: bool) -> None:
         client, metrics, ledger = self.client, self.switch.metrics, self.ledger
         while True:
-            frame = await up.get_message()
+            opcode, frame, header = await up.receive()
             metrics.frames_out += 1
-            metrics.bytes_out += len(frame)
-            if type(frame) is not str or frame.startswith(AUDIO_DELTA_PREFIX):
-                await client.send_message(frame)
+            metrics.bytes_out += len(frame) - header
+            if opcode != OP_TEXT or frame.startswith(AUDIO_DELTA, header):
+                await client.send_raw(frame)  # unmasked from the provider: valid for the client as it stands
                 continue
-            event = upstream_event(frame)
+            try:
+                text = frame[header:].decode()
+            except UnicodeDecodeError:
+                text = ""  # not ours to judge: relayed as it came
+            event = upstream_event(text) if text else None
             if event is None:
-                await client.send_message(frame)
+                await client.send_raw(frame)
                 continue
-            if await self._act(event, frame, reconnected):
-                await client.send_message(frame)
+            if await self._act(event, text, reconnected):
+                await client.send_raw(frame)
             if event["type"] in USAGE_TYPES:
                 tokens = meter(event, ledger.totals)
                 ledger.added(tokens)

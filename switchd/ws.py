@@ -1,0 +1,196 @@
+"""WebSocket connections over Trio streams for the relay: messages come back as their own bytes.
+
+`receive()` returns a data message as (opcode, frame bytes, header size) so the relay can
+forward it untouched or read its payload; pings are answered here, a close is answered and
+raised as `Closed`. Writes from several tasks (relay, error events, pongs) take turns on a lock.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+from urllib.parse import urlsplit
+
+import trio
+
+from switchd.ws_codec import (
+    CONTROL,
+    MAX_HEAD,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    HttpHead,
+    ProtocolError,
+    check_upgrade_response,
+    close_payload,
+    encode_frame,
+    parse_close,
+    parse_head,
+    parse_header,
+    unmask,
+    upgrade_request,
+)
+
+RECEIVE_BYTES = 64 * 1024  # an 8 KB audio frame in one read
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Closed(Exception):
+    """The connection is closed: by a close frame (its code and reason) or lost (1006)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectError(Exception):
+    """The upstream could not be reached or refused the upgrade."""
+
+
+async def read_head(stream: trio.abc.Stream, buffer: bytearray) -> tuple[HttpHead, bytearray]:
+    """Read an HTTP head; returns it and the bytes that came after it."""
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > MAX_HEAD:
+            raise ValueError("HTTP head too large")
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise ValueError("connection closed during the handshake")
+        buffer += data
+    return parse_head(bytes(buffer[:end])), bytearray(buffer[end + 4 :])
+
+
+class WsConnection:
+    def __init__(self, stream: trio.abc.Stream, buffer: bytearray, *, server: bool, max_message: int) -> None:
+        self.stream = stream
+        self.server = server  # a server receives masked frames and sends unmasked ones
+        self.max_message = max_message
+        self.closed: Closed | None = None
+        self._buffer = buffer
+        self._lock = trio.StrictFIFOLock()
+        self._close_sent = False
+
+    async def receive(self) -> tuple[int, bytes, int]:
+        """The next data message: (opcode, its frame's bytes, the frame header's size)."""
+        if self.closed is not None:
+            raise self.closed
+        buffer = self._buffer
+        parts: list[bytes] | None = None  # payloads of a fragmented message
+        first = OP_CONT
+        try:
+            while True:
+                header = parse_header(buffer, 0, expect_masked=self.server, max_length=self.max_message)
+                if header is None or len(buffer) < header.size + header.length:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        raise Closed(1006, "connection lost")
+                    buffer += data
+                    continue
+                end = header.size + header.length
+                frame = bytes(buffer[:end])
+                del buffer[:end]
+                if header.opcode in CONTROL:
+                    await self._control(header.opcode, self._payload(frame, header.size, header.masked))
+                    continue
+                if parts is None:
+                    if header.opcode == OP_CONT:
+                        raise ProtocolError(1002, "continuation without a message")
+                    if header.fin:
+                        return header.opcode, frame, header.size
+                    parts, first = [], header.opcode
+                elif header.opcode != OP_CONT:
+                    raise ProtocolError(1002, "a new message inside a fragmented one")
+                parts.append(self._payload(frame, header.size, header.masked))
+                if sum(map(len, parts)) > self.max_message:
+                    raise ProtocolError(1009, "message over the size limit")
+                if header.fin:
+                    # Rare (neither browsers nor the provider fragment): made whole as one frame,
+                    # masked as its next hop expects.
+                    whole = encode_frame(first, b"".join(parts), mask=self.server)
+                    return first, whole, len(whole) - sum(map(len, parts))
+        except ProtocolError as exc:
+            await self._send_close(exc.code, str(exc))
+            self.closed = Closed(exc.code, str(exc))
+        except Closed as exc:
+            self.closed = exc
+        except _STREAM_ERRORS:
+            self.closed = Closed(1006, "connection lost")
+        raise self.closed
+
+    @staticmethod
+    def _payload(frame: bytes, size: int, masked: bool) -> bytes:
+        return unmask(frame[size:], frame[size - 4 : size]) if masked else frame[size:]
+
+    async def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            await self.send_raw(encode_frame(OP_PONG, payload, mask=not self.server))
+        elif opcode == OP_CLOSE:
+            code, reason = parse_close(payload)
+            await self._send_close(1000 if code == 1005 else code, "")
+            raise Closed(code, reason)
+
+    async def send_raw(self, frame: bytes) -> None:
+        """Send frame bytes as they are (already masked as this side must send them)."""
+        if self._close_sent:
+            raise self.closed or Closed(1006, "closing")
+        try:
+            async with self._lock:
+                await self.stream.send_all(frame)
+        except _STREAM_ERRORS:
+            self.closed = self.closed or Closed(1006, "connection lost")
+            raise self.closed from None
+
+    async def send_text(self, text: str) -> None:
+        await self.send_raw(encode_frame(OP_TEXT, text.encode(), mask=not self.server))
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        try:
+            async with self._lock:
+                await self.stream.send_all(encode_frame(OP_CLOSE, close_payload(code, reason), mask=not self.server))
+        except _STREAM_ERRORS:
+            pass
+
+    async def aclose(self, code: int = 1000, reason: str = "", wait: float = 1.0) -> None:
+        """The closing handshake: send our close, give the peer `wait` seconds to answer, drop TCP."""
+        await self._send_close(code, reason)
+        if self.closed is None:
+            with trio.move_on_after(wait):
+                try:
+                    while True:
+                        await self.receive()
+                except Closed:
+                    pass
+        self.closed = self.closed or Closed(code, reason)
+        with trio.move_on_after(wait):
+            await self.stream.aclose()
+
+
+async def connect(url: str, headers: list[tuple[bytes, bytes]], *, max_message: int, timeout: float) -> WsConnection:
+    """Open a client WebSocket (ws:// or wss://); raises ConnectError."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    key = base64.b64encode(os.urandom(16))
+    stream: trio.abc.Stream | None = None
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+            if secure:
+                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host, https_compatible=True)
+                await stream.do_handshake()
+            host_header = host if parts.port is None else f"{host}:{port}"
+            await stream.send_all(upgrade_request(host_header, resource, key, headers))
+            head, rest = await read_head(stream, bytearray())
+            check_upgrade_response(head, key)
+    except (trio.TooSlowError, ValueError, *_STREAM_ERRORS) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise ConnectError(f"{type(exc).__name__}: {exc}") from None
+    return WsConnection(stream, rest, server=False, max_message=max_message)

@@ -1,0 +1,213 @@
+"""Accounts and their API keys.
+
+Keys are `rsk_` + 43 URL-safe characters (256 random bits). Only the sha256 hex is stored; the
+plaintext exists once, in the answer to `create_key`. The indicator (`rsk_` + 4 characters +
+`...` + the last 4) lets an operator recognise a key without holding it. A revoked key keeps
+its row with `revoked_at` set.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import asdict, dataclass
+
+from common.errors import ErrorCode, SwitchError
+from switchdb.db import Connection, DatabaseError, utc_now
+
+KEY_PREFIX = "rsk_"
+ACCOUNT_PREFIX = "acct_"
+PLAN_ALLOWANCES = {"Free": 1_000, "Pro": 50_000, "Enterprise": 500_000}
+ACTIVE = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    email: str
+    plan_name: str
+    token_remaining: int
+    topup_remaining: int
+    status: str
+    created_at: str
+
+    @property
+    def credits(self) -> int:
+        return self.token_remaining + self.topup_remaining
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self), "credits": self.credits}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key_hash: str
+    account_id: str
+    key_indicator: str
+    label: str
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+    revoked_at: str | None
+
+    def usable(self, now: str) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+_ACCOUNT_COLUMNS = "id, email, plan_name, token_remaining, topup_remaining, status, created_at"
+_KEY_COLUMNS = "key_hash, account_id, key_indicator, label, created_at, expires_at, last_used_at, revoked_at"
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def key_indicator(plaintext: str) -> str:
+    return f"{plaintext[: len(KEY_PREFIX) + 4]}...{plaintext[-4:]}"
+
+
+def create_account(
+    conn: Connection, email: str, plan: str = "Free", tokens: int | None = None, topup: int = 0
+) -> Account:
+    if plan not in PLAN_ALLOWANCES:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"unknown plan {plan!r} (Free, Pro or Enterprise)")
+    if "@" not in email or email != email.strip():
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"not an email address: {email!r}")
+    if (tokens is not None and tokens < 0) or topup < 0:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "token counts must not be negative")
+    now = utc_now()
+    account = Account(
+        id=ACCOUNT_PREFIX + secrets.token_hex(8),
+        email=email,
+        plan_name=plan,
+        token_remaining=PLAN_ALLOWANCES[plan] if tokens is None else tokens,
+        topup_remaining=topup,
+        status=ACTIVE,
+        created_at=now,
+    )
+    try:
+        conn.execute(
+            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (*_account_row(account), now),
+        )
+    except DatabaseError as exc:
+        if "UNIQUE" in str(exc) and "email" in str(exc):
+            raise SwitchError(ErrorCode.EXTERNAL_CONFLICT, f"an account with email {email} already exists") from None
+        raise
+    return account
+
+
+def _account_row(a: Account) -> tuple[object, ...]:
+    return (a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining, a.status, a.created_at)
+
+
+def get_account(conn: Connection, account_id: str) -> Account | None:
+    row = conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    return Account(*row) if row else None
+
+
+def find_account(conn: Connection, id_or_email: str) -> Account:
+    """An account by id or email; raises EXTERNAL_NOT_FOUND."""
+    row = conn.execute(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? OR email = ?", (id_or_email, id_or_email)
+    ).fetchone()
+    if row is None:
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {id_or_email}")
+    return Account(*row)
+
+
+def require_account(conn: Connection, account_id: str) -> Account:
+    account = get_account(conn, account_id)
+    if account is None:
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}")
+    return account
+
+
+def top_up(conn: Connection, account_id: str, tokens: int) -> Account:
+    if tokens <= 0:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a top-up must be a positive number of tokens")
+    changed = conn.execute(
+        "UPDATE accounts SET topup_remaining = topup_remaining + ?, updated_at = ? WHERE id = ?",
+        (tokens, utc_now(), account_id),
+    ).rowcount
+    if not changed:
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}")
+    return require_account(conn, account_id)
+
+
+def create_key(conn: Connection, account_id: str, label: str, expires_at: str | None = None) -> tuple[str, ApiKey]:
+    """A new key for the account: (plaintext, stored row). The plaintext is not kept anywhere."""
+    require_account(conn, account_id)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        key_hash=hash_key(plaintext),
+        account_id=account_id,
+        key_indicator=key_indicator(plaintext),
+        label=label,
+        created_at=utc_now(),
+        expires_at=expires_at,
+        last_used_at=None,
+        revoked_at=None,
+    )
+    conn.execute(
+        f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (key.key_hash, key.account_id, key.key_indicator, key.label, key.created_at, key.expires_at, None, None),
+    )
+    return plaintext, key
+
+
+def get_key(conn: Connection, key_hash: str) -> ApiKey | None:
+    row = conn.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+    return ApiKey(*row) if row else None
+
+
+def list_keys(conn: Connection, account_id: str) -> list[ApiKey]:
+    require_account(conn, account_id)
+    rows = conn.execute(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY created_at, key_hash", (account_id,)
+    )
+    return [ApiKey(*row) for row in rows]
+
+
+def revoke_key(conn: Connection, hash_or_indicator: str) -> ApiKey:
+    """Revoke one key named by its hash or its indicator; an indicator shared by several keys is refused."""
+    rows = conn.execute(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? OR key_indicator = ?",
+        (hash_or_indicator.lower() if len(hash_or_indicator) == 64 else hash_or_indicator, hash_or_indicator),
+    ).fetchall()
+    if not rows:
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no key {hash_or_indicator}")
+    if len(rows) > 1:
+        raise SwitchError(
+            ErrorCode.EXTERNAL_CONFLICT,
+            f"indicator {hash_or_indicator} matches {len(rows)} keys; revoke by key hash instead",
+        )
+    key = ApiKey(*rows[0])
+    if key.revoked_at is None:
+        conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_hash = ?", (utc_now(), key.key_hash))
+        key = get_key(conn, key.key_hash)  # type: ignore[assignment]
+    return key
+
+
+def authenticate(conn: Connection, plaintext: str, now: str) -> Account:
+    """The account behind a usable key, marking the key used; raises EXTERNAL_INVALID_AUTH."""
+    key_hash = hash_key(plaintext)
+    row = conn.execute(
+        "SELECT k.expires_at, k.revoked_at, a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining,"
+        " a.status, a.created_at FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+        (key_hash,),
+    ).fetchone()
+    if row is None:
+        raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "unknown key")
+    expires_at, revoked_at, *account_row = row
+    if revoked_at is not None:
+        raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "revoked key")
+    if expires_at is not None and expires_at <= now:
+        raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "expired key")
+    account = Account(*account_row)
+    if account.status != ACTIVE:
+        raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "account is not active")
+    conn.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (now, key_hash))
+    return account

@@ -1,0 +1,215 @@
+"""The SQLite file: opening it (with SQLCipher when a key is set), transactions, and the schema.
+
+The schema is built by ordered migrations recorded in `schema_migrations`. Each one checks its
+own preconditions (IF NOT EXISTS, a column lookup), so running it again, or from two processes
+at once (daemon and CLI), is harmless.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlcipher3
+
+from common.errors import ErrorCode, SwitchError
+
+log = logging.getLogger(__name__)
+
+Connection = sqlcipher3.Connection
+DatabaseError = sqlcipher3.DatabaseError
+
+# How long a writer waits for another process (the CLI next to the daemon) to release the lock.
+BUSY_TIMEOUT_MS = 5000
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def utc_now() -> str:
+    """Timestamps are fixed-format UTC text, so they compare correctly as strings in SQL."""
+    return datetime.now(UTC).strftime(TIME_FORMAT)
+
+
+def format_time(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def open_database(path: str, key: str | None) -> Connection:
+    """Open (creating if needed) the database; a wrong or missing key fails here, not later.
+
+    One connection serves the whole daemon from one worker thread at a time, hence
+    check_same_thread=False; transactions are explicit (isolation_level=None).
+    """
+    try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlcipher3.connect(path, check_same_thread=False, isolation_level=None)
+        # SQLCipher otherwise writes its own HMAC failure lines straight to stderr.
+        conn.execute("PRAGMA cipher_log_level = NONE")
+    except (OSError, sqlcipher3.Error) as exc:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, f"cannot open DB_PATH {path}: {exc}") from None
+    try:
+        if key:
+            conn.execute("PRAGMA key = " + _quote(key))
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except DatabaseError:
+            if key:
+                message = f"cannot open {path}: wrong DB_ENCRYPTION_KEY, or the file is not an encrypted database"
+            else:
+                message = f"cannot open {path}: the file is encrypted (set DB_ENCRYPTION_KEY) or is not a database"
+            raise SwitchError(ErrorCode.INTERNAL_DB_ENCRYPTION, message) from None
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if path != ":memory:":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("could not switch %s to WAL (journal_mode=%s)", path, mode)
+        # In WAL mode NORMAL never corrupts and survives a process crash; only a power cut can
+        # lose the last commits, a trade the throughput target needs.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@contextmanager
+def transaction(conn: Connection) -> Iterator[None]:
+    """One write transaction, taken at once so a busy database waits here rather than failing later."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
+def savepoint(conn: Connection) -> Iterator[None]:
+    """A nested unit inside a transaction: a failure undoes only its own writes."""
+    conn.execute("SAVEPOINT unit")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO unit")
+        conn.execute("RELEASE unit")
+        raise
+    conn.execute("RELEASE unit")
+
+
+def _columns(conn: Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _create_accounts(conn: Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS accounts (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            plan_name TEXT NOT NULL,
+            token_remaining INTEGER NOT NULL DEFAULT 0,
+            topup_remaining INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL DEFAULT 'active',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+
+
+def _create_api_keys(conn: Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            key_hash TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            key_indicator TEXT NOT NULL,
+            label TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            expires_at TEXT,
+            last_used_at TEXT
+        )"""
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys(account_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS api_keys_indicator ON api_keys(key_indicator)")
+
+
+def _create_sessions(conn: Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS sessions (
+            account_id TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            type TEXT NOT NULL CHECK (type IN ('SESSION', 'CONV')),
+            data TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (account_id, session_id, type)
+        )"""
+    )
+
+
+def _create_usage_metrics(conn: Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS usage_metrics (
+            id INTEGER PRIMARY KEY,
+            batch_id TEXT NOT NULL UNIQUE,
+            account_id TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            transcription_tokens INTEGER NOT NULL,
+            input_text INTEGER NOT NULL,
+            input_audio INTEGER NOT NULL,
+            input_image INTEGER NOT NULL,
+            input_cached INTEGER NOT NULL,
+            output_text INTEGER NOT NULL,
+            output_audio INTEGER NOT NULL,
+            transcription_seconds REAL NOT NULL,
+            reports INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS usage_metrics_account ON usage_metrics(account_id)")
+
+
+def _add_api_keys_revoked_at(conn: Connection) -> None:
+    # Revoked keys are kept (with the time) so `key list` and audits still show them.
+    if "revoked_at" not in _columns(conn, "api_keys"):
+        conn.execute("ALTER TABLE api_keys ADD COLUMN revoked_at TEXT")
+
+
+MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
+    ("0001_create_accounts", _create_accounts),
+    ("0002_create_api_keys", _create_api_keys),
+    ("0003_create_sessions", _create_sessions),
+    ("0004_create_usage_metrics", _create_usage_metrics),
+    ("0005_api_keys_revoked_at", _add_api_keys_revoked_at),
+]
+
+
+def migrate(conn: Connection) -> list[str]:
+    """Apply the migrations not yet recorded; returns the names applied now."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    applied: list[str] = []
+    for name, step in MIGRATIONS:
+        with transaction(conn):
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
+                continue
+            step(conn)
+            conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, utc_now()))
+        applied.append(name)
+        log.info("applied migration %s", name)
+    return applied
+
+
+def applied_migrations(conn: Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]

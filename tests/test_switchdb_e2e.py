@@ -1,0 +1,271 @@
+"""switchdb as a real process (`switchdb serve`), driven over ZeroMQ like switchd drives it."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import zmq
+
+from common.dbclient import DbClient, open_db_client
+from common.errors import ErrorCode, SwitchError
+from common.usage import UsageTotals
+from common.wire import MAX_MESSAGE_BYTES, MessageType
+from common.zmq_trio import ZmqSocket
+from switchdb import accounts, sessions
+from switchdb.db import Connection, migrate, open_database, transaction
+from tests.daemons import BIN, base_env, daemon
+
+USAGE_5 = UsageTotals(input_tokens=3, output_tokens=2, input_audio=3, output_audio=2, reports=1).to_json()
+
+
+@contextmanager
+def store(tmp_path: Path, key: str | None = None) -> Iterator[Connection]:
+    conn = open_database(str(tmp_path / "db.sqlite"), key)
+    migrate(conn)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def seed(tmp_path: Path, tokens: int = 1000, topup: int = 0) -> tuple[str, str]:
+    """An account and a key in the test's database file: (account_id, plaintext key)."""
+    with store(tmp_path) as conn, transaction(conn):
+        account = accounts.create_account(conn, "e2e@example.com", "Free", tokens, topup)
+        key, _ = accounts.create_key(conn, account.id, "e2e")
+    return account.id, key
+
+
+def env(tmp_path: Path, endpoint: str | None = None, **extra: str) -> dict[str, str]:
+    config = {"ZMQ_SOCKET_PATH": endpoint or f"ipc://{tmp_path}/db.sock", "DB_PATH": str(tmp_path / "db.sqlite")}
+    return base_env(**{**config, **extra})
+
+
+def switchdb(tmp_path: Path, *argv: str, **extra: str):  # type: ignore[no-untyped-def]
+    return daemon(["switchdb", *argv], env(tmp_path, **extra), tmp_path / "switchdb.log", cwd=tmp_path)
+
+
+async def refused(client: DbClient, type: MessageType, *args: str) -> SwitchError:
+    with pytest.raises(SwitchError) as err:
+        await client.request(type, *args)
+    return err.value
+
+
+async def test_every_message_type(tmp_path: Path) -> None:
+    account_id, key = seed(tmp_path, tokens=100, topup=10)
+    async with switchdb(tmp_path) as d, open_db_client(d.address, 5000) as db:
+        assert d.address == f"ipc://{tmp_path}/db.sock"
+        assert await db.request(MessageType.PING) == ()
+        assert await db.request(MessageType.VALIDATE_AND_LOAD, key, "s1") == (account_id, "110", "")
+        assert await db.request(MessageType.GET_CREDITS, account_id) == ("110",)
+        args = ("batch-1", account_id, "s1", "openai", "gpt-realtime", USAGE_5)
+        assert await db.request(MessageType.RECORD_USAGE, *args) == ("105",)
+        assert await db.request(MessageType.RECORD_USAGE, *args) == ("105",)  # idempotent
+        await db.send(MessageType.SAVE_SESSION, account_id, "s1", json.dumps(
+            {"type": "session.updated", "session": {"id": "x", "model": "m", "type": "realtime", "voice": "ash",
+                                                    "instructions": "Hi.", "tracing": None}}))
+        await db.send(MessageType.APPEND_CONVERSATION, account_id, "s1", "user:hello \"there\" ✓\n")
+        _, credits, update = await db.request(MessageType.VALIDATE_AND_LOAD, key, "s1")
+        assert credits == "105"
+        assert json.loads(update) == {"type": "session.update", "session": {
+            "type": "realtime", "voice": "ash",
+            "instructions": "Hi." + sessions.MARKER + "user:hello \"there\" ✓\n"}}
+
+        assert (await refused(db, MessageType.VALIDATE_AND_LOAD, "rsk_wrong", "s1")).code == ErrorCode.EXTERNAL_INVALID_AUTH
+        assert (await refused(db, MessageType.GET_CREDITS, "acct_nobody")).code == ErrorCode.EXTERNAL_NOT_FOUND
+        err = await refused(db, MessageType.RECORD_USAGE, "b2", "acct_nobody", "s", "openai", "m", USAGE_5)
+        assert err.code == ErrorCode.EXTERNAL_NOT_FOUND
+        err = await refused(db, MessageType.RECORD_USAGE, "b3", account_id, "s", "openai", "m", '{"input_tokens":1.5}')
+        assert err.code == ErrorCode.INTERNAL_BAD_USAGE
+
+        # Spend it all: the key still authenticates, but with EXTERNAL_NO_CREDITS and the same fields.
+        big = UsageTotals(input_tokens=200).to_json()
+        assert await db.request(MessageType.RECORD_USAGE, "b4", account_id, "s1", "openai", "m", big) == ("-95",)
+        err = await refused(db, MessageType.VALIDATE_AND_LOAD, key, "s1")
+        assert err.code == ErrorCode.EXTERNAL_NO_CREDITS
+        assert err.fields[:2] == (account_id, "-95") and "Hi." in err.fields[2]  # type: ignore[attr-defined]
+
+        # The CLI writes to the same file while the daemon runs (WAL): a revoked key stops working.
+        with store(tmp_path) as conn, transaction(conn):
+            accounts.revoke_key(conn, accounts.hash_key(key))
+        assert (await refused(db, MessageType.VALIDATE_AND_LOAD, key, "s1")).code == ErrorCode.EXTERNAL_INVALID_AUTH
+    assert d.proc.returncode == 0
+    assert key not in d.log() and "hello" not in d.log()
+
+
+async def test_concurrent_clients_exact_balance(tmp_path: Path) -> None:
+    clients, per_client = 8, 150
+    account_id, _ = seed(tmp_path, tokens=1_000_000)
+    acked: list[int] = []
+    async with switchdb(tmp_path) as d:
+
+        async def client(c: int) -> None:
+            async with open_db_client(d.address, 10_000) as db, trio.open_nursery() as nursery:
+                for i in range(per_client):
+                    # every tenth batch is sent twice at once, like a retry racing its original
+                    for _ in range(2 if i % 10 == 0 else 1):
+                        nursery.start_soon(record, db, f"c{c}-{i}")
+
+        async def record(db: DbClient, batch_id: str) -> None:
+            (credits,) = await db.request(MessageType.RECORD_USAGE, batch_id, account_id, "s", "openai", "m", USAGE_5)
+            acked.append(int(credits))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for c in range(clients):
+                    nursery.start_soon(client, c)
+        async with open_db_client(d.address, 5000) as db:
+            (credits,) = await db.request(MessageType.GET_CREDITS, account_id)
+    expected = 1_000_000 - 5 * clients * per_client
+    assert int(credits) == expected
+    assert min(acked) == expected
+    assert len(acked) == clients * (per_client + per_client // 10)
+
+
+async def test_state_survives_a_restart_and_the_default_command_serves(tmp_path: Path) -> None:
+    account_id, key = seed(tmp_path)
+    async with switchdb(tmp_path, "serve") as d, open_db_client(d.address, 5000) as db:
+        await db.request(MessageType.RECORD_USAGE, "b1", account_id, "s", "openai", "m", USAGE_5)
+        await db.send(MessageType.SAVE_SESSION, account_id, "s", '{"session":{"type":"realtime","instructions":"X"}}')
+        await db.send(MessageType.APPEND_CONVERSATION, account_id, "s", "user:a\n")
+        await db.request(MessageType.PING)
+    assert d.proc.returncode == 0
+    async with switchdb(tmp_path) as d, open_db_client(d.address, 5000) as db:  # no subcommand: serve
+        _, credits, update = await db.request(MessageType.VALIDATE_AND_LOAD, key, "s")
+        assert credits == "995"
+        assert json.loads(update)["session"]["instructions"] == "X" + sessions.MARKER + "user:a\n"
+        assert await db.request(MessageType.RECORD_USAGE, "b1", account_id, "s", "openai", "m", USAGE_5) == ("995",)
+
+
+async def test_sigterm_with_requests_in_flight_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    account_id, _ = seed(tmp_path, tokens=10_000_000)
+    acked: set[str] = set()
+    enough = trio.Event()
+    async with switchdb(tmp_path) as d:
+
+        async def client(c: int) -> None:
+            async with open_db_client(d.address, 2000) as db:
+
+                async def record(i: int) -> None:
+                    batch_id = f"c{c}-{i}"
+                    try:
+                        await db.request(MessageType.RECORD_USAGE, batch_id, account_id, "s", "openai", "m", USAGE_5)
+                    except SwitchError:
+                        return  # not acknowledged: switchd would retry or spool it
+                    acked.add(batch_id)
+                    if len(acked) >= 300:
+                        enough.set()
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(10_000):
+                        if d.proc.returncode is not None:
+                            break
+                        nursery.start_soon(record, i)
+                        if i % 25 == 24:
+                            await trio.sleep(0)  # let replies in, keep some hundreds in flight
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for c in range(4):
+                    nursery.start_soon(client, c)
+                await enough.wait()
+                d.terminate()
+                assert await d.proc.wait() == 0
+    with store(tmp_path) as conn:
+        stored = {row[0] for row in conn.execute("SELECT batch_id FROM usage_metrics")}
+        balance = accounts.require_account(conn, account_id).credits
+    assert acked <= stored
+    assert balance == 10_000_000 - 5 * len(stored)
+
+
+async def test_garbage_never_stops_the_daemon(tmp_path: Path) -> None:
+    account_id, _ = seed(tmp_path)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    junk = ZmqSocket(raw)
+    async with switchdb(tmp_path) as d:
+        raw.connect(d.address)
+        answered = [
+            ([b""], b"", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"only-id"], b"only-id", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"\xff\xfe\x00", b"\x80garbage"], b"\xff\xfe\x00", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"r1", b"DROP_TABLES"], b"r1", ErrorCode.INTERNAL_UNKNOWN_TYPE),
+            ([b"r2", b"PING", b"extra"], b"r2", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"r3", b"GET_CREDITS"], b"r3", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"r4", b"GET_CREDITS", b"\xc3\x28"], b"r4", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            ([b"r5", b"RECORD_USAGE", b"b", account_id.encode(), b"s", b"p", b"m", b'{"input_tokens": -3}'],
+             b"r5", ErrorCode.INTERNAL_BAD_USAGE),
+            ([b"r6", b"RECORD_USAGE", b"b", account_id.encode(), b"s", b"p", b"m", b'{"input_tokens": "7"}'],
+             b"r6", ErrorCode.INTERNAL_BAD_USAGE),
+            ([b"r7", b"RECORD_USAGE", b"b", account_id.encode(), b"s", b"p", b"m", b"\x00\x01 not json"],
+             b"r7", ErrorCode.INTERNAL_BAD_USAGE),
+            ([b"r8", b"VALIDATE_AND_LOAD", b"k", b"s", b"x" * (MAX_MESSAGE_BYTES + 1)],
+             b"r8", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+        ]
+        silent = [
+            [b"n1", b"SAVE_SESSION", account_id.encode(), b"s"],
+            [b"n2", b"SAVE_SESSION", account_id.encode(), b"s", b"{not json"],
+            [b"n3", b"SAVE_SESSION", account_id.encode(), b"s", b"\xff"],
+            [b"n4", b"APPEND_CONVERSATION", b"acct_nobody", b"s", b"user:x\n"],
+            [b"n5", b"APPEND_CONVERSATION"],
+        ]
+        for frames, _, _ in answered:
+            await junk.send(frames)
+        for frames in silent:
+            await junk.send(frames)
+        await junk.send([b"ping-after", b"PING"])
+        replies = {}
+        with trio.fail_after(10):
+            while b"ping-after" not in replies:
+                rid, status, *fields = await junk.recv()
+                replies[rid] = (status.decode(), fields)
+        assert replies.pop(b"ping-after") == ("OK", [])
+        assert replies == {rid: (code.value, []) for _, rid, code in answered}
+        async with open_db_client(d.address, 5000) as db:
+            assert await db.request(MessageType.GET_CREDITS, account_id) == ("1000",)
+        with store(tmp_path) as conn:
+            assert sessions.load(conn, account_id, "s") == (None, None)
+    junk.close()
+    assert d.proc.returncode == 0
+    log = d.log()
+    assert "SAVE_SESSION" in log and "APPEND_CONVERSATION" in log and "user:x" not in log
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_tcp_endpoint(tmp_path: Path) -> None:
+    account_id, key = seed(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    async with switchdb(tmp_path, ZMQ_SOCKET_PATH=endpoint) as d, open_db_client(d.address, 5000) as db:
+        assert d.address == endpoint
+        assert await db.request(MessageType.VALIDATE_AND_LOAD, key, "s") == (account_id, "1000", "")
+
+
+@pytest.mark.parametrize("key", ["wrong", None])
+def test_encrypted_database_with_wrong_or_missing_key_fails_fast(tmp_path: Path, key: str | None) -> None:
+    with store(tmp_path, "right"):
+        pass
+    extra = {"DB_ENCRYPTION_KEY": key} if key else {}
+    proc = subprocess.run([str(BIN / "switchdb"), "serve"], env=env(tmp_path, **extra), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "DB_ENCRYPTION_KEY" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_encrypted_database_serves_with_the_right_key(tmp_path: Path) -> None:
+    with store(tmp_path, "s3cret") as conn, transaction(conn):
+        account = accounts.create_account(conn, "enc@example.com", "Free")
+    async with switchdb(tmp_path, DB_ENCRYPTION_KEY="s3cret") as d, open_db_client(d.address, 5000) as db:
+        assert await db.request(MessageType.GET_CREDITS, account.id) == ("1000",)
+    assert b"enc@example.com" not in (tmp_path / "db.sqlite").read_bytes()
