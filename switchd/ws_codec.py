@@ -68,7 +68,11 @@ def parse_header(buf: bytes | bytearray, pos: int, *, expect_masked: bool, max_l
         raise ProtocolError(1002, "control frames must be short and unfragmented")
     if length > max_length:
         raise ProtocolError(1009, f"frame of {length} bytes is over the {max_length}-byte limit")
-    return Header(bool(b0 & 0x80), opcode, masked, length, size + (4 if masked else 0))
+    if masked:
+        size += 4
+        if len(buf) - pos < size:
+            return None
+    return Header(bool(b0 & 0x80), opcode, masked, length, size)
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:

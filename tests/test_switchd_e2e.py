@@ -88,6 +88,9 @@ async def test_relay_is_faithful_and_ordered_both_ways(stack: Stack, provider: S
     async with stack.switchd(provider.url, OPENAI_API_KEY="sk-test-provider") as sw:
         async with open_websocket_url(client_url(sw, key, "relay", model="gpt-realtime-mini")) as ws:
             up = await provider.next()
+            with trio.fail_after(5):
+                await ws.ping(b"are you there")  # answered by switchd itself
+                await up.ws.ping(b"provider heartbeat")  # answered by switchd as the provider's client
             assert up.headers["authorization"] == "Bearer sk-test-provider"
             assert "model=gpt-realtime-mini" in up.path
             # Odd but valid text: unicode, escapes, the audio prefix, a near-limit size.
