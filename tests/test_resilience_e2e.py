@@ -10,24 +10,12 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.daemons import daemon
-from tests.stack import Stack, client_url, metrics_url, open_stack
+from tests.stack import Stack, client_url, metrics_url
 from tests.test_switchd_e2e import http_get
-from tests.upstream import ScriptedProvider, Upstream, response_done, scripted_provider, session_created
+from tests.upstream import ScriptedProvider, Upstream, response_done, session_created
 
 MARKER = "\n\nHere is the previous conversation that happened which should be continued now:\n"
 FORBIDDEN = {"id", "object", "expires_at", "model", "tracing"}
-
-
-@pytest.fixture
-async def stack(tmp_path: Path):
-    async with open_stack(tmp_path) as s:
-        yield s
-
-
-@pytest.fixture
-async def provider():
-    async with scripted_provider() as p:
-        yield p
 
 
 def session_updated(instructions: str) -> dict:

@@ -9,20 +9,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.stack import Stack, client_url, metrics_url, open_stack
-from tests.upstream import ScriptedProvider, response_done, scripted_provider, session_created
-
-
-@pytest.fixture
-async def stack(tmp_path: Path):
-    async with open_stack(tmp_path) as s:
-        yield s
-
-
-@pytest.fixture
-async def provider():
-    async with scripted_provider() as p:
-        yield p
+from tests.stack import Stack, client_url, metrics_url
+from tests.upstream import ScriptedProvider, response_done, session_created
 
 
 async def http_get(url: str) -> tuple[int, str]:

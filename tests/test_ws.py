@@ -13,10 +13,8 @@ from hypothesis import strategies as st
 from switchd.ws import Closed, WsConnection, connect
 from switchd.ws_codec import (
     OP_BINARY,
-    OP_CLOSE,
     OP_CONT,
     OP_PING,
-    OP_PONG,
     OP_TEXT,
     ProtocolError,
     accept_key,
