@@ -73,6 +73,7 @@ class Session:
         self.pending: deque[bytes] = deque()  # client frames (as masked bytes) waiting for an upstream
         self.log_extra = {"account": account_id, "session": params.session_id}
         self.done = trio.Event()  # set once cleanup has handed everything over
+        self.last_client_frame = trio.current_time()
 
     async def run(self) -> None:
         code, reason, event = CLOSE_NORMAL, "", None
@@ -84,6 +85,7 @@ class Session:
                 nursery.start_soon(self._run_upstream, nursery.cancel_scope)
                 nursery.start_soon(run_batcher, self.ledger, self.switch.db)
                 nursery.start_soon(self._watch_shutdown)
+                nursery.start_soon(self._watch_idle)
         except* SwitchError as group:
             exc = _first(group)
             code = CLOSE_CODES.get(exc.code, CLOSE_UPSTREAM)
@@ -130,44 +132,48 @@ class Session:
         await self.switch.shutdown.wait()
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
 
+    async def _watch_idle(self) -> None:
+        idle = self.switch.settings.idle_timeout
+        while (deadline := self.last_client_frame + idle) > trio.current_time():
+            await trio.sleep_until(deadline)
+        raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
+
     async def _read_client(self, done: trio.CancelScope) -> None:
         client, metrics = self.client, self.switch.metrics
-        limit, idle = self.switch.settings.max_payload_length, self.switch.settings.idle_timeout
-        with trio.CancelScope(deadline=trio.current_time() + idle) as idle_scope:
-            while True:
+        limit = self.switch.settings.max_payload_length
+        while True:
+            try:
+                opcode, frame, header = await client.receive()
+            except Closed:
+                done.cancel()
+                return
+            self.last_client_frame = trio.current_time()
+            if opcode == OP_BINARY:
+                await client.send_text(error_event(
+                    ErrorCode.EXTERNAL_BINARY_FRAME,
+                    "Expected a text WebSocket message; binary frames are not supported.",
+                ))
+                continue
+            size = len(frame) - header
+            if size > limit:
+                await client.send_text(error_event(
+                    ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {size} bytes exceeds the {limit}-byte limit."
+                ))
+                continue
+            metrics.frames_in += 1
+            metrics.bytes_in += size
+            up = self.up
+            if up is not None:
                 try:
-                    opcode, frame, header = await client.receive()
+                    await up.send_raw(frame)  # still masked with the client's key: valid as it stands
+                    continue
                 except Closed:
-                    done.cancel()
-                    return
-                idle_scope.deadline = trio.current_time() + idle
-                if opcode == OP_BINARY:
-                    await client.send_text(error_event(
-                        ErrorCode.EXTERNAL_BINARY_FRAME,
-                        "Expected a text WebSocket message; binary frames are not supported.",
-                    ))
-                    continue
-                size = len(frame) - header
-                if size > limit:
-                    await client.send_text(error_event(
-                        ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {size} bytes exceeds the {limit}-byte limit."
-                    ))
-                    continue
-                metrics.frames_in += 1
-                metrics.bytes_in += size
-                up = self.up
-                if up is not None:
-                    try:
-                        await up.send_raw(frame)  # still masked with the client's key: valid as it stands
-                        continue
-                    except Closed:
-                        pass  # the upstream task reconnects; this frame waits with the others
-                if len(self.pending) >= MAX_PENDING_FRAMES:
-                    raise SwitchError(
-                        ErrorCode.EXTERNAL_BUFFER_OVERFLOW, f"more than {MAX_PENDING_FRAMES} frames waiting for the provider"
-                    )
-                self.pending.append(frame)
-        raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
+                    pass  # the upstream task reconnects; this frame waits with the others
+            if len(self.pending) >= MAX_PENDING_FRAMES:
+                raise SwitchError(
+                    ErrorCode.EXTERNAL_BUFFER_OVERFLOW, f"more than {MAX_PENDING_FRAMES} frames waiting for the provider"
+                )
+            self.pending.append(frame)
 
     async def _run_upstream(self, done: trio.CancelScope) -> None:
         settings = self.switch.settings

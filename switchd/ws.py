@@ -63,34 +63,55 @@ async def read_head(stream: trio.abc.Stream, buffer: bytearray) -> tuple[HttpHea
 
 
 class WsConnection:
-    def __init__(self, stream: trio.abc.Stream, buffer: bytearray, *, server: bool, max_message: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, buffer: bytes, *, server: bool, max_message: int) -> None:
         self.stream = stream
         self.server = server  # a server receives masked frames and sends unmasked ones
         self.max_message = max_message
         self.closed: Closed | None = None
-        self._buffer = buffer
-        self._lock = trio.StrictFIFOLock()
+        # Plain TCP (not TLS): read and write the socket's fd directly, the relay's fast path.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._data = bytes(buffer)  # received bytes; frames are slices of it (the whole of it, mostly)
+        self._pos = 0
+        self._lock = trio.StrictFIFOLock()  # held while a frame is part-written
         self._close_sent = False
+
+    async def _fill(self) -> None:
+        """Read more bytes from the peer. Yields to the scheduler once, whether data was waiting or not."""
+        if self._fd < 0:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            waited = True
+        else:
+            try:
+                data, waited = os.read(self._fd, RECEIVE_BYTES), False
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._fd)
+                data, waited = os.read(self._fd, RECEIVE_BYTES), True
+        if not data:
+            raise Closed(1006, "connection lost")
+        rest = self._data[self._pos :] if self._pos < len(self._data) else b""
+        self._data, self._pos = (rest + data if rest else data), 0
+        if not waited:
+            await trio.lowlevel.checkpoint()  # a peer that floods us must not starve other sessions
 
     async def receive(self) -> tuple[int, bytes, int]:
         """The next data message: (opcode, its frame's bytes, the frame header's size)."""
         if self.closed is not None:
             raise self.closed
-        buffer = self._buffer
         parts: list[bytes] | None = None  # payloads of a fragmented message
         first = OP_CONT
         try:
             while True:
-                header = parse_header(buffer, 0, expect_masked=self.server, max_length=self.max_message)
-                if header is None or len(buffer) < header.size + header.length:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
-                    if not data:
-                        raise Closed(1006, "connection lost")
-                    buffer += data
+                data, pos = self._data, self._pos
+                header = parse_header(data, pos, expect_masked=self.server, max_length=self.max_message)
+                if header is None or len(data) - pos < header.size + header.length:
+                    await self._fill()
                     continue
-                end = header.size + header.length
-                frame = bytes(buffer[:end])
-                del buffer[:end]
+                end = pos + header.size + header.length
+                frame = data[pos:end]  # the same object when the read held exactly this frame
+                if end == len(data):
+                    self._data, self._pos = b"", 0
+                else:
+                    self._pos = end
                 if header.opcode in CONTROL:
                     await self._control(header.opcode, self._payload(frame, header.size, header.masked))
                     continue
@@ -136,6 +157,24 @@ class WsConnection:
         if self._close_sent:
             raise self.closed or Closed(1006, "closing")
         try:
+            if self._fd >= 0 and not self._lock.locked():
+                # Fast path: the kernel takes the whole frame at once; no scheduling needed, since
+                # every receive yields.
+                try:
+                    sent = os.write(self._fd, frame)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+                # The rest must follow before any other frame: take the lock without a checkpoint.
+                self._lock.acquire_nowait()
+                try:
+                    with trio.CancelScope(shield=True):  # half a frame would corrupt the stream
+                        await self.stream.send_all(frame)
+                finally:
+                    self._lock.release()
+                return
             async with self._lock:
                 await self.stream.send_all(frame)
         except _STREAM_ERRORS:
@@ -148,12 +187,11 @@ class WsConnection:
     async def _send_close(self, code: int, reason: str) -> None:
         if self._close_sent:
             return
-        self._close_sent = True
         try:
-            async with self._lock:
-                await self.stream.send_all(encode_frame(OP_CLOSE, close_payload(code, reason), mask=not self.server))
-        except _STREAM_ERRORS:
+            await self.send_raw(encode_frame(OP_CLOSE, close_payload(code, reason), mask=not self.server))
+        except Closed:
             pass
+        self._close_sent = True
 
     async def aclose(self, code: int = 1000, reason: str = "", wait: float = 1.0) -> None:
         """The closing handshake: send our close, give the peer `wait` seconds to answer, drop TCP."""
@@ -193,4 +231,4 @@ async def connect(url: str, headers: list[tuple[bytes, bytes]], *, max_message: 
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise ConnectError(f"{type(exc).__name__}: {exc}") from None
-    return WsConnection(stream, rest, server=False, max_message=max_message)
+    return WsConnection(stream, bytes(rest), server=False, max_message=max_message)
