@@ -1,0 +1,196 @@
+"""The real daemons as processes for the benchmarks (a small equivalent of tests/daemons.py).
+
+Every daemon prints one ready line (`... listening <address> ...`) once it serves; `daemon()`
+waits for that line (no sleeps, no fixed ports) and on exit sends SIGTERM and waits. Each runs
+with its temporary directory as cwd, so no `.env` of the checkout leaks into a measurement.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+BIN = Path(sys.executable).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+DAEMON_LOG_LEVEL = "WARNING"  # per-session INFO lines are not on the per-frame path; keep the logs small
+_CONFIG_KEYS = {
+    "ZMQ_SOCKET_PATH", "ZMQ_TIMEOUT_MS", "DB_PATH", "DB_ENCRYPTION_KEY", "OPENAI_API_KEY", "UPSTREAM_URL",
+    "GEMINI_API_KEY", "GEMINI_URL", "HOST", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "IDLE_TIMEOUT",
+    "MAX_SESSIONS", "SHUTDOWN_GRACE", "SPOOL_DIR", "LOG_LEVEL", "LOG_ACCOUNT", "LOG_FORMAT",
+}
+_emails = itertools.count()
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a process from /proc/<pid>/stat; None when it is gone or not on Linux."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime: all the CPU a process used."""
+    times = cpu_times(pid)
+    return None if times is None else times[0] + times[1]
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CONFIG_KEYS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["LOG_LEVEL"] = DAEMON_LOG_LEVEL
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Daemon:
+    proc: trio.Process
+    ready_line: str
+    log_path: Path
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def word_after(self, marker: str) -> str:
+        words = self.ready_line.split()
+        return words[words.index(marker) + 1]
+
+    @property
+    def address(self) -> str:
+        return self.word_after("listening")
+
+    async def readline(self) -> str:
+        assert self.proc.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.proc.stdout.receive_some(65536)
+            if not chunk:
+                raise RuntimeError(f"{self.proc.args} exited before a line; log:\n{self.log()[-4000:]}")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        return line.decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@asynccontextmanager
+async def daemon(argv: list[str], env: Mapping[str, str], log_path: Path, *, cwd: Path,
+                 start_timeout: float = 30, stop_timeout: float = 15) -> AsyncIterator[Daemon]:
+    """Run `argv` (a console script name is looked up beside this Python), wait for its ready line."""
+    if not os.path.isabs(argv[0]) and (BIN / argv[0]).exists():
+        argv = [str(BIN / argv[0]), *argv[1:]]
+    log_file = open(log_path, "ab")
+    proc = await trio.lowlevel.open_process(
+        argv, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL)
+    d = Daemon(proc, "", log_path)
+    try:
+        with trio.fail_after(start_timeout):
+            while "listening" not in d.ready_line:
+                d.ready_line = await d.readline()
+        yield d
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(stop_timeout):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            log_file.close()
+
+
+@dataclass
+class Stack:
+    """switchdb running on a fresh database in `tmp`, and the environment to reach it."""
+
+    tmp: Path
+    env: dict[str, str]
+    db: Daemon
+
+    async def cli(self, *args: str) -> dict:
+        result = await trio.run_process([str(BIN / "switchdb"), *args, "--json"], env=self.env, cwd=self.tmp,
+                                        capture_stdout=True, capture_stderr=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"switchdb {' '.join(args)} failed: {result.stderr.decode()}")
+        return json.loads(result.stdout)
+
+    async def account(self, tokens: int = 10**15) -> tuple[str, str]:
+        """A fresh account with effectively unlimited credits, and a key: (account_id, key)."""
+        account = await self.cli("account", "create", "--email", f"perf{next(_emails)}@example.test",
+                                 "--tokens", str(tokens))
+        key = await self.cli("key", "create", "--account", account["id"], "--label", "perf")
+        return account["id"], key["key"]
+
+    @asynccontextmanager
+    async def switchd(self, upstream_url: str, name: str = "switchd", **env: str) -> AsyncIterator[Daemon]:
+        settings = {**self.env, "UPSTREAM_URL": upstream_url, "PORT": "0", "METRICS_PORT": "0",
+                    "HOST": "127.0.0.1", "SPOOL_DIR": str(self.tmp / f"{name}-spool"), **env}
+        async with daemon(["switchd"], settings, self.tmp / f"{name}.log", cwd=self.tmp) as d:
+            yield d
+
+
+@asynccontextmanager
+async def open_stack(tmp: Path) -> AsyncIterator[Stack]:
+    env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp}/switchdb.sock", DB_PATH=str(tmp / "switch.db"))
+    async with daemon(["switchdb", "serve"], env, tmp / "switchdb.log", cwd=tmp) as db:
+        yield Stack(tmp, env, db)
+
+
+@asynccontextmanager
+async def sim(tmp: Path, *flags: str, name: str = "sim") -> AsyncIterator[Daemon]:
+    """switchd-sim on a free port; `--echo` sends every client frame straight back."""
+    async with daemon(["switchd-sim", "--host", "127.0.0.1", "--port", "0", *flags], base_env(),
+                      tmp / f"{name}.log", cwd=tmp) as d:
+        yield d
+
+
+@asynccontextmanager
+async def load_upstream(tmp: Path, *flags: str) -> AsyncIterator[Daemon]:
+    """perf.upstream: the realtime traffic shape (audio deltas, transcripts, response.done) as an echo."""
+    async with daemon([sys.executable, "-m", "perf.upstream", "--host", "127.0.0.1", "--port", "0", *flags],
+                      base_env(), tmp / "upstream.log", cwd=tmp) as d:
+        yield d
+
+
+async def http_get(url: str, timeout: float = 5) -> str:
+    """A tiny HTTP/1.1 GET (for switchd's /metrics) without pulling in an HTTP client."""
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n".encode())
+            data = bytearray()
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return bytes(data).partition(b"\r\n\r\n")[2].decode()
+
+
+def metric_values(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out

@@ -1,0 +1,89 @@
+"""The benchmark suite runs end to end in a tiny configuration and writes complete JSON.
+
+Never a timed assertion: numbers on a shared test machine mean nothing; what is checked is
+that every benchmark works against the real daemons and reports every field it promises.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perf import targets
+from perf.report import ENVELOPE_FIELDS
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXPECTED: dict[str, set[str]] = {
+    "metering": {"frames", "mix", "us_per_frame", "us_per_frame_by_kind", "ratios_vs_production",
+                 "audio_delta_production_us", "json_over_production", "forgery", "same_work_totals"},
+    "usage": {"us_per_report", "list_over_totals", "retained_bytes_per_pending_report"},
+    "switchdb": {"validate_and_load_ms", "record_usage", "record_usage_per_s_max", "ping_idle_ms",
+                 "ping_during_flood_ms", "worst_stall_ms"},
+    "connect": {"first_event_p50_ms", "first_event_p99_ms", "connects_per_side", "errors"},
+    "relay": {"closed_loop", "pipelined", "realtime", "capacity"},
+}
+REALTIME_POINT = {"sessions", "latency_ms", "added_ms", "lost", "connect_failed", "switchd_cpu_pct_of_core",
+                  "switchd_us_per_relayed_message", "cpu", "holds"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("perf-results")
+    # A subprocess, as `make perf` runs it; bounded so a hang fails instead of stalling the suite.
+    done = subprocess.run([sys.executable, "-m", "perf", "--smoke", "--results-dir", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "SUMMARY: performance targets" in done.stdout
+    return out
+
+
+def _load(results: Path, name: str) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_benchmark_writes_its_fields(results: Path, name: str) -> None:
+    data = _load(results, name)
+    assert set(ENVELOPE_FIELDS) <= set(data)
+    assert data["benchmark"] == name and data["mode"] == "smoke"
+    assert data["machine"]["cores"] and data["machine"]["cpu_model"]
+    assert data["python"]["version"] and "trio" in data["libraries"]
+    assert "commit" in data["git"]
+    assert EXPECTED[name] <= set(data["results"]), EXPECTED[name] - set(data["results"])
+
+
+def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
+    relay = _load(results, "relay")["results"]
+    for point in relay["realtime"]:
+        assert REALTIME_POINT <= set(point)
+        assert point["lost"]["through"] == 0 and point["lost"]["direct"] == 0
+        assert point["connect_failed"]["through"] == 0
+        assert point["cpu"]["through"]["switchd"]["cpu_s"] is not None
+    assert relay["closed_loop"]["samples_through"] > 0 and relay["closed_loop"]["samples_direct"] > 0
+    assert relay["pipelined"]["lost"] == {"direct": 0, "through": 0}
+
+
+def test_metering_methods_did_the_same_work_and_the_scan_is_fooled(results: Path) -> None:
+    metering = _load(results, "metering")["results"]
+    assert {"production", "json.loads", "byte scan (forgeable)"} <= set(metering["us_per_frame"])
+    assert metering["same_work_totals"]["reports"] > 0
+    assert any(case["byte_scan_fooled"] for case in metering["forgery"])
+
+
+def test_summary_lists_every_target(results: Path) -> None:
+    summary = _load(results, "summary")["results"]
+    assert summary["failed"] == []
+    assert [row["target"] for row in summary["targets"]] == [t.name for t in targets.TARGETS]
+    assert {row["status"] for row in summary["targets"]} <= {targets.MET, targets.NOT_MET, targets.NOT_MEASURED}
+
+
+def test_load_generator_has_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "perf.load", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0
+    for flag in ("--url", "--key", "--sessions", "--duration", "--rate", "--frame-ms"):
+        assert flag in done.stdout
