@@ -72,6 +72,7 @@ class WsConnection:
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._data = bytes(buffer)  # received bytes; frames are slices of it (the whole of it, mostly)
         self._pos = 0
+        self._drained = False  # the last read left nothing in the socket
         self._lock = trio.StrictFIFOLock()  # held while a frame is part-written
         self._close_sent = False
 
@@ -79,19 +80,22 @@ class WsConnection:
         """Read more bytes from the peer. Yields to the scheduler once, whether data was waiting or not."""
         if self._fd < 0:
             data = await self.stream.receive_some(RECEIVE_BYTES)
-            waited = True
+        elif self._drained:
+            # The last read emptied the socket: trying again first would only cost an EAGAIN.
+            await trio.lowlevel.wait_readable(self._fd)
+            data = os.read(self._fd, RECEIVE_BYTES)
         else:
             try:
-                data, waited = os.read(self._fd, RECEIVE_BYTES), False
+                data = os.read(self._fd, RECEIVE_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                data, waited = os.read(self._fd, RECEIVE_BYTES), True
+                self._drained = True
+                return await self._fill()
+            await trio.lowlevel.checkpoint()  # a peer that floods us must not starve other sessions
         if not data:
             raise Closed(1006, "connection lost")
+        self._drained = len(data) < RECEIVE_BYTES
         rest = self._data[self._pos :] if self._pos < len(self._data) else b""
         self._data, self._pos = (rest + data if rest else data), 0
-        if not waited:
-            await trio.lowlevel.checkpoint()  # a peer that floods us must not starve other sessions
 
     async def receive(self) -> tuple[int, bytes, int]:
         """The next data message: (opcode, its frame's bytes, the frame header's size)."""
@@ -102,7 +106,10 @@ class WsConnection:
         try:
             while True:
                 data, pos = self._data, self._pos
-                header = parse_header(data, pos, expect_masked=self.server, max_length=self.max_message)
+                header = (
+                    parse_header(data, pos, expect_masked=self.server, max_length=self.max_message)
+                    if len(data) - pos >= 2 else None
+                )
                 if header is None or len(data) - pos < header.size + header.length:
                     await self._fill()
                     continue
