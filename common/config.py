@@ -33,6 +33,7 @@ class Settings:
     idle_timeout: float = 120.0
     max_sessions: int = 0  # 0: no limit
     shutdown_grace: float = 10.0
+    workers: int = 1  # switchd processes sharing PORT (SO_REUSEPORT)
     spool_dir: str = "var/spool"
     log_level: str = "INFO"
     log_account: str | None = None
@@ -73,7 +74,7 @@ def upstream_is_local(url: str) -> bool:
     return parts.scheme == "ws" and (parts.hostname or "") in {"127.0.0.1", "localhost", "::1"}
 
 
-_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS"}
+_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS", "WORKERS"}
 _FLOAT_KEYS = {"IDLE_TIMEOUT", "SHUTDOWN_GRACE"}
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "switchd": ("ZMQ_SOCKET_PATH",),
@@ -114,6 +115,8 @@ def load_settings(
         except ValueError:
             raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, f"config key {key} must be a number") from None
     settings = Settings(**kwargs)  # type: ignore[arg-type]
+    if settings.workers < 1:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key WORKERS must be at least 1")
     if settings.log_format not in ("text", "json"):
         raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key LOG_FORMAT must be text or json")
     return settings

@@ -110,9 +110,22 @@ async def _reject(stream: trio.SocketStream, target: str, exc: SwitchError, metr
     await _respond(stream, reject_response(status, exc.code.value))
 
 
+async def listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    """TCP listeners; with `reuse_port`, one socket that shares the port with the other workers."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+    await sock.bind((host, port))
+    sock.listen(4096)
+    return [trio.SocketListener(sock)]
+
+
 async def serve(
     settings: Settings,
     *,
+    reuse_port: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -128,7 +141,7 @@ async def serve(
             metrics_port = await services.start(serve_metrics, settings.host, settings.metrics_port, metrics, db)
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as listener:
-                    listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+                    listeners = await listen(settings.host, settings.port, reuse_port=reuse_port)
                     port = listeners[0].socket.getsockname()[1]
                     await listener.start(partial(trio.serve_listeners, partial(handle, switch), listeners,
                                                  handler_nursery=sessions))

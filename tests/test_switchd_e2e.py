@@ -271,3 +271,25 @@ async def test_missing_config_key_stops_switchd_naming_it(tmp_path: Path) -> Non
                                     cwd=tmp_path, capture_stderr=True, check=False)
     assert result.returncode == 2
     assert "ZMQ_SOCKET_PATH" in result.stderr.decode() and "Traceback" not in result.stderr.decode()
+
+
+async def test_workers_share_the_port_and_bill_exactly(stack: Stack, provider: ScriptedProvider) -> None:
+    account_id, key = await stack.account(tokens=10_000)
+    async with stack.switchd(provider.url, WORKERS="2") as sw:
+        ports = sw.ready_line.split()[-1].split(",")
+        assert len(ports) == 2
+        for i in range(16):  # the kernel spreads connections over both workers
+            async with open_websocket_url(client_url(sw, key, f"w{i}")) as ws:
+                up = await provider.next()
+                await up.send_json(response_done(5, 5))
+                with trio.fail_after(10):
+                    await ws.get_message()
+        totals = []
+        for port in ports:
+            body = (await http_get(f"http://127.0.0.1:{port}/metrics"))[1]
+            totals.append(next(int(line.split()[1]) for line in body.splitlines() if line.startswith("switch_sessions_total ")))
+        assert sum(totals) == 16 and min(totals) > 0
+        sw.terminate()
+        with trio.fail_after(20):
+            assert await sw.proc.wait() == 0
+    assert await stack.credits(account_id) == 10_000 - 16 * 10
