@@ -293,3 +293,26 @@ async def test_workers_share_the_port_and_bill_exactly(stack: Stack, provider: S
         with trio.fail_after(20):
             assert await sw.proc.wait() == 0
     assert await stack.credits(account_id) == 10_000 - 16 * 10
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+
+
+async def test_slow_client_slows_its_upstream_and_memory_stays_bounded(stack: Stack, provider: ScriptedProvider) -> None:
+    _, key = await stack.account()
+    chunk = json.dumps({"type": "response.output_audio.delta", "delta": "A" * 256_000})
+    async with stack.switchd(provider.url) as sw:
+        async with open_websocket_url(client_url(sw, key, "slow"), max_message_size=1 << 20) as ws:
+            up = await provider.next()
+            before = rss_bytes(sw.proc.pid)
+            sent = 0
+            with trio.move_on_after(3):  # the client reads nothing meanwhile
+                while sent < 1000:  # 256 MB if nothing pushed back
+                    await up.ws.send_message(chunk)
+                    sent += 1
+            assert sent < 1000, "the provider was never slowed down"
+            assert rss_bytes(sw.proc.pid) - before < 64 * 1024 * 1024
+            with trio.fail_after(30):
+                for _ in range(sent):  # everything that was accepted arrives, in order
+                    assert await ws.get_message() == chunk
