@@ -19,6 +19,10 @@ latency runs from when it was scheduled, not when it left, so a generator that f
 processes' CPU (utime+stime from /proc) over the measured window, as does the generator itself,
 so an operator can tell whether the relay, the peer or the generator was the bottleneck.
 Output: a table, or with `--json` one JSON object on stdout.
+
+This is the operator's tool (any URL, ws:// or wss://, any upstream). The relay benchmark
+drives switchd with perf.engine instead: one lean epoll process playing both the clients and
+the provider, so that on a small machine the load costs far less CPU than switchd does.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import trio
 from trio_websocket import (ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection,
                             connect_websocket_url)
 
-from perf.procs import cpu_times
+from perf.cpu import cpu_times, machine_busy_seconds
 from perf.report import summarize, table
 
 BYTES_PER_MS = 48  # PCM16 mono at 24 kHz
@@ -307,17 +311,6 @@ async def _connects(cfg: Config, stats: Stats) -> None:
                 with trio.move_on_after(2):
                     await ws.aclose()
             nursery.cancel_scope.cancel()
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all cores spent busy since boot (/proc/stat), to see what else ran meanwhile."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def _sample_cpu(cfg: Config, clock: Clock, out: dict[str, Any]) -> None:

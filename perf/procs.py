@@ -19,8 +19,9 @@ from pathlib import Path
 
 import trio
 
+from perf.cpu import cpu_times  # re-exported: the benchmarks read CPU through procs
+
 BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DAEMON_LOG_LEVEL = "WARNING"  # per-session INFO lines are not on the per-frame path; keep the logs small
 _CONFIG_KEYS = {
     "ZMQ_SOCKET_PATH", "ZMQ_TIMEOUT_MS", "DB_PATH", "DB_ENCRYPTION_KEY", "OPENAI_API_KEY", "UPSTREAM_URL",
@@ -28,17 +29,6 @@ _CONFIG_KEYS = {
     "MAX_SESSIONS", "SHUTDOWN_GRACE", "SPOOL_DIR", "LOG_LEVEL", "LOG_ACCOUNT", "LOG_FORMAT",
 }
 _emails = itertools.count()
-
-
-def cpu_times(pid: int) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of a process from /proc/<pid>/stat; None when it is gone or not on Linux."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS
 
 
 def cpu_seconds(pid: int) -> float | None:

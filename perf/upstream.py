@@ -14,7 +14,6 @@ Prints `perf-upstream listening ws://HOST:PORT` when ready; SIGTERM stops it.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,57 +22,20 @@ from functools import partial
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from perf.events import (RATE_LIMITS, audio_delta_head, response_created, response_done, response_id, session_created,
+                         transcript_delta)
+
 APPEND_PREFIX = '{"type":"input_audio_buffer.append","event_id":"'
 MAX_MESSAGE = 16 * 1024 * 1024
-
-
-def session_created(n: int) -> str:
-    return json.dumps({"type": "session.created", "event_id": f"event_perf_created_{n:08d}",
-                       "session": {"type": "realtime", "object": "realtime.session", "id": f"sess_perf{n:017d}",
-                                   "model": "gpt-realtime", "output_modalities": ["audio"]}},
-                      separators=(",", ":"))
-
-
-def response_done(resp: str, n: int) -> str:
-    # ~1 KB like the provider's: output item with transcript, usage block, then metadata.
-    transcript = "Sure, I can help with that. Let me look up your booking, one moment please. " * 2
-    return json.dumps({
-        "type": "response.done", "event_id": f"event_perf_done_{n:010d}",
-        "response": {
-            "object": "realtime.response", "id": resp, "status": "completed", "status_details": None,
-            "output": [{"id": f"item_{resp}", "type": "message", "status": "completed", "role": "assistant",
-                        "content": [{"type": "output_audio", "transcript": transcript}]}],
-            "conversation_id": "conv_perf000000000000000", "output_modalities": ["audio"],
-            "max_output_tokens": "inf",
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy"}},
-            "usage": {"total_tokens": 253, "input_tokens": 132, "output_tokens": 121,
-                      "input_token_details": {"text_tokens": 119, "audio_tokens": 13, "image_tokens": 0,
-                                              "cached_tokens": 64, "cached_tokens_details": {
-                                                  "text_tokens": 64, "audio_tokens": 0, "image_tokens": 0}},
-                      "output_token_details": {"text_tokens": 30, "audio_tokens": 91}},
-            "metadata": None,
-        }}, separators=(",", ":"))
-
-
-def response_created(resp: str, n: int) -> str:
-    return json.dumps({"type": "response.created", "event_id": f"event_perf_created_{n:010d}",
-                       "response": {"object": "realtime.response", "id": resp, "status": "in_progress",
-                                    "status_details": None, "output": [], "usage": None, "metadata": None}},
-                      separators=(",", ":"))
-
-
-RATE_LIMITS = ('{"type":"rate_limits.updated","event_id":"event_perf_rate_limits","rate_limits":[{"name":"tokens",'
-               '"limit":15000000,"remaining":14999716,"reset_seconds":0.001}]}')
 
 
 async def _session(ws: WebSocketConnection, n: int, transcript_every: int, response_every: int) -> None:
     send = ws.send_message
     await send(session_created(n))
     responses = 0
-    resp = f"resp_perf{n:08d}r{responses:06d}"
+    resp = response_id(n, responses)
     await send(response_created(resp, responses))
-    head = (f'{{"type":"response.output_audio.delta","event_id":"%s","response_id":"{resp}",'
-            f'"item_id":"item_{resp}","output_index":0,"content_index":0,"delta":"%s"}}')
+    head = audio_delta_head(resp)
     appends = 0
     while True:
         frame = await ws.get_message()
@@ -87,16 +49,13 @@ async def _session(ws: WebSocketConnection, n: int, transcript_every: int, respo
             await send(head % (event_id, audio))
             appends += 1
             if appends % transcript_every == 0:
-                await send(f'{{"type":"response.output_audio_transcript.delta","event_id":"event_perf_t{appends:010d}",'
-                           f'"response_id":"{resp}","item_id":"item_{resp}","output_index":0,"content_index":0,'
-                           f'"delta":"booking "}}')
+                await send(transcript_delta(resp, appends))
             if appends % response_every == 0:
                 await send(response_done(resp, responses))
                 await send(RATE_LIMITS)
                 responses += 1
-                resp = f"resp_perf{n:08d}r{responses:06d}"
-                head = (f'{{"type":"response.output_audio.delta","event_id":"%s","response_id":"{resp}",'
-                        f'"item_id":"item_{resp}","output_index":0,"content_index":0,"delta":"%s"}}')
+                resp = response_id(n, responses)
+                head = audio_delta_head(resp)
                 await send(response_created(resp, responses))
         else:
             await send(frame)

@@ -27,7 +27,8 @@ EXPECTED: dict[str, set[str]] = {
     "relay": {"closed_loop", "pipelined", "realtime", "capacity"},
 }
 REALTIME_POINT = {"sessions", "latency_ms", "added_ms", "lost", "connect_failed", "switchd_cpu_pct_of_core",
-                  "switchd_us_per_relayed_message", "cpu", "holds"}
+                  "switchd_us_per_relayed_message", "switchd_user_us_per_relayed_message",
+                  "switchd_system_us_per_relayed_message", "engine_us_per_message", "cpu", "holds"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,9 @@ def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
         assert point["lost"]["through"] == 0 and point["lost"]["direct"] == 0
         assert point["connect_failed"]["through"] == 0
         assert point["cpu"]["through"]["switchd"]["cpu_s"] is not None
+        assert point["cpu"]["through"]["engine"]["cpu_s"] is not None
+        # The engine's peer saw every append the clients sent, through switchd and direct.
+        assert point["peer"]["through"]["appends"] == point["peer"]["direct"]["appends"] > 0
     assert relay["closed_loop"]["samples_through"] > 0 and relay["closed_loop"]["samples_direct"] > 0
     assert relay["pipelined"]["lost"] == {"direct": 0, "through": 0}
 
@@ -86,4 +90,26 @@ def test_load_generator_has_help() -> None:
                           timeout=30, check=False)
     assert done.returncode == 0
     for flag in ("--url", "--key", "--sessions", "--duration", "--rate", "--frame-ms"):
+        assert flag in done.stdout
+
+
+def test_engine_direct_run_is_complete() -> None:
+    """The lean load engine alone (clients + peer, no switchd): every append echoed, every field there."""
+    done = subprocess.run([sys.executable, "-m", "perf.engine", "--direct", "--sessions", "3", "--duration", "0.5",
+                           "--warmup", "0.2", "--transcript-every", "5", "--response-every", "20", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert result["mode"] == "direct" and result["sessions_connected"] == 3 and result["connect_failed"] == 0
+    assert result["lost"] == 0 and result["echoes_received"] == result["sent"] == result["peer"]["appends"] > 0
+    assert result["other_received"] > 0  # session.created, transcripts, response.done reached the clients
+    assert result["latency_ms"]["n"] > 0 and result["errors"] == {}
+    assert result["cpu"]["engine"]["cpu_s"] is not None
+
+
+def test_engine_has_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "perf.engine", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0
+    for flag in ("--url", "--direct", "--key", "--sessions", "--peer-fd", "--watch"):
         assert flag in done.stdout
