@@ -1,8 +1,9 @@
-"""The real daemons as processes for the benchmarks (a small equivalent of tests/daemons.py).
+"""The real daemons as processes, for the benchmarks and the end-to-end tests alike.
 
 Every daemon prints one ready line (`... listening <address> ...`) once it serves; `daemon()`
-waits for that line (no sleeps, no fixed ports) and on exit sends SIGTERM and waits. Each runs
-with its temporary directory as cwd, so no `.env` of the checkout leaks into a measurement.
+waits for that line (no sleeps, no fixed ports) and on exit sends SIGTERM and waits. The
+benchmarks run each daemon with its temporary directory as cwd, so no `.env` of the checkout
+leaks into a measurement.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ DAEMON_LOG_LEVEL = "WARNING"  # per-session INFO lines are not on the per-frame 
 _CONFIG_KEYS = {
     "ZMQ_SOCKET_PATH", "ZMQ_TIMEOUT_MS", "DB_PATH", "DB_ENCRYPTION_KEY", "OPENAI_API_KEY", "UPSTREAM_URL",
     "GEMINI_API_KEY", "GEMINI_URL", "HOST", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "IDLE_TIMEOUT",
-    "MAX_SESSIONS", "SHUTDOWN_GRACE", "SPOOL_DIR", "LOG_LEVEL", "LOG_ACCOUNT", "LOG_FORMAT",
+    "MAX_SESSIONS", "SHUTDOWN_GRACE", "SPOOL_DIR", "LOG_LEVEL", "LOG_ACCOUNT", "LOG_FORMAT", "WORKERS",
 }
 _emails = itertools.count()
 
@@ -38,9 +39,9 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def base_env(**overrides: str) -> dict[str, str]:
+    """This environment without any of the project's config keys, plus `overrides`."""
     env = {k: v for k, v in os.environ.items() if k not in _CONFIG_KEYS}
     env["PYTHONUNBUFFERED"] = "1"
-    env["LOG_LEVEL"] = DAEMON_LOG_LEVEL
     env.update(overrides)
     return env
 
@@ -78,9 +79,13 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
 
 @asynccontextmanager
-async def daemon(argv: list[str], env: Mapping[str, str], log_path: Path, *, cwd: Path,
+async def daemon(argv: list[str], env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None,
                  start_timeout: float = 30, stop_timeout: float = 15) -> AsyncIterator[Daemon]:
     """Run `argv` (a console script name is looked up beside this Python), wait for its ready line."""
     if not os.path.isabs(argv[0]) and (BIN / argv[0]).exists():
@@ -138,7 +143,8 @@ class Stack:
 
 @asynccontextmanager
 async def open_stack(tmp: Path) -> AsyncIterator[Stack]:
-    env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp}/switchdb.sock", DB_PATH=str(tmp / "switch.db"))
+    env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp}/switchdb.sock", DB_PATH=str(tmp / "switch.db"),
+                   LOG_LEVEL=DAEMON_LOG_LEVEL)
     async with daemon(["switchdb", "serve"], env, tmp / "switchdb.log", cwd=tmp) as db:
         yield Stack(tmp, env, db)
 
@@ -146,7 +152,8 @@ async def open_stack(tmp: Path) -> AsyncIterator[Stack]:
 @asynccontextmanager
 async def sim(tmp: Path, *flags: str, name: str = "sim") -> AsyncIterator[Daemon]:
     """switchd-sim on a free port; `--echo` sends every client frame straight back."""
-    async with daemon(["switchd-sim", "--host", "127.0.0.1", "--port", "0", *flags], base_env(),
+    async with daemon(["switchd-sim", "--host", "127.0.0.1", "--port", "0", *flags],
+                      base_env(LOG_LEVEL=DAEMON_LOG_LEVEL),
                       tmp / f"{name}.log", cwd=tmp) as d:
         yield d
 
@@ -155,7 +162,7 @@ async def sim(tmp: Path, *flags: str, name: str = "sim") -> AsyncIterator[Daemon
 async def load_upstream(tmp: Path, *flags: str) -> AsyncIterator[Daemon]:
     """perf.upstream: the realtime traffic shape (audio deltas, transcripts, response.done) as an echo."""
     async with daemon([sys.executable, "-m", "perf.upstream", "--host", "127.0.0.1", "--port", "0", *flags],
-                      base_env(), tmp / "upstream.log", cwd=tmp) as d:
+                      base_env(LOG_LEVEL=DAEMON_LOG_LEVEL), tmp / "upstream.log", cwd=tmp) as d:
         yield d
 
 
