@@ -19,6 +19,60 @@ def _count(value: object) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+_NO_DETAILS: dict[str, object] = {}
+# json.loads is this C scanner behind two Python layers and two regex matches; a usage batch is
+# read tens of thousands of times a second, so text that the scanner reads whole in one call
+# (switchd's to_json output always is) skips them. Anything else goes through json.loads itself.
+_scan_once = json.JSONDecoder().scan_once
+
+
+def _loads(text: str) -> object:
+    """json.loads(text), same result and same refusals; raises INTERNAL_BAD_USAGE for what is not JSON."""
+    if type(text) is str:
+        try:
+            data, end = _scan_once(text, 0)
+            if end == len(text):
+                return data
+        except (StopIteration, ValueError, RecursionError):
+            pass
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json is not JSON") from None
+
+
+def _read_strictly(data: dict[str, object]) -> tuple[list[int], float]:
+    """(the counts in field order, then reports and total_tokens; seconds), or INTERNAL_BAD_USAGE naming the first bad part."""
+
+    def count(obj: Mapping[str, object], key: str) -> int:
+        value = obj.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage count {key} must be a non-negative integer")
+        return value
+
+    def details(key: str) -> Mapping[str, object]:
+        value = data.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {key} must be an object")
+        return value
+
+    inp, out = details("input_token_details"), details("output_token_details")
+    seconds = data.get("transcription_seconds", 0)
+    if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:  # type: ignore[operator]
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
+    counts = [
+        count(obj, key)
+        for obj, key in (
+            (data, "input_tokens"), (data, "output_tokens"), (inp, "text_tokens"), (inp, "audio_tokens"),
+            (inp, "image_tokens"), (inp, "cached_tokens"), (out, "text_tokens"), (out, "audio_tokens"),
+            (data, "transcription_tokens"), (data, "reports"), (data, "total_tokens"),
+        )
+    ]
+    return counts, float(seconds)  # type: ignore[arg-type]
+
+
 @dataclass(slots=True)
 class UsageTotals:
     input_tokens: int = 0
@@ -98,46 +152,30 @@ class UsageTotals:
     @classmethod
     def from_json(cls, text: str) -> UsageTotals:
         """Strict reading of a batch; raises INTERNAL_BAD_USAGE on anything but non-negative integer counts."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
-            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json is not JSON") from None
+        data = _loads(text)
         if not isinstance(data, dict):
             raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json must be an object")
-
-        def count(obj: Mapping[str, object], key: str) -> int:
-            value = obj.get(key, 0)
-            if type(value) is not int or value < 0:
-                raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage count {key} must be a non-negative integer")
-            return value
-
-        def details(key: str) -> Mapping[str, object]:
-            value = data.get(key, {})
-            if value is None:
-                return {}
-            if not isinstance(value, dict):
-                raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {key} must be an object")
-            return value
-
-        inp, out = details("input_token_details"), details("output_token_details")
-        seconds = data.get("transcription_seconds", 0)
-        if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
-            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
-        totals = cls(
-            input_tokens=count(data, "input_tokens"),
-            output_tokens=count(data, "output_tokens"),
-            input_text=count(inp, "text_tokens"),
-            input_audio=count(inp, "audio_tokens"),
-            input_image=count(inp, "image_tokens"),
-            input_cached=count(inp, "cached_tokens"),
-            output_text=count(out, "text_tokens"),
-            output_audio=count(out, "audio_tokens"),
-            transcription_tokens=count(data, "transcription_tokens"),
-            transcription_seconds=float(seconds),
-            reports=count(data, "reports"),
-        )
-        count(data, "total_tokens")  # optional, but when present it must be a valid count too
-        return totals
+        get = data.get
+        inp = get("input_token_details", _NO_DETAILS)
+        out = get("output_token_details", _NO_DETAILS)
+        seconds = get("transcription_seconds", 0)
+        # The common case (every part present and well-formed) in one pass; anything else (null
+        # details, a bad count) is read by `_read_strictly`, which names the first bad part.
+        if type(inp) is dict and type(out) is dict and (type(seconds) is int or type(seconds) is float):
+            iget, oget = inp.get, out.get
+            values = (
+                get("input_tokens", 0), get("output_tokens", 0), iget("text_tokens", 0), iget("audio_tokens", 0),
+                iget("image_tokens", 0), iget("cached_tokens", 0), oget("text_tokens", 0), oget("audio_tokens", 0),
+                get("transcription_tokens", 0), get("reports", 0), get("total_tokens", 0),
+            )
+            for value in values:
+                if type(value) is not int or value < 0:
+                    break
+            else:
+                if 0 <= seconds < math.inf:
+                    return cls(*values[:9], float(seconds), values[9])
+        counts, seconds = _read_strictly(data)
+        return cls(*counts[:9], seconds, counts[9])
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)

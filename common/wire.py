@@ -35,6 +35,8 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.PING: (),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
+# Looked up per message: a dict is several times cheaper than calling the enum.
+_TYPES: dict[str, tuple[MessageType, int]] = {t.value: (t, len(ARGUMENTS[t])) for t in MessageType}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +54,19 @@ class Reply:
 
 
 def _texts(frames: Sequence[bytes]) -> list[str]:
-    if sum(len(f) for f in frames) > MAX_MESSAGE_BYTES:
+    if sum(map(len, frames)) > MAX_MESSAGE_BYTES:
         raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "message too large")
     try:
-        return [bytes(f).decode("utf-8") for f in frames]
+        try:
+            return [f.decode() for f in frames]
+        except AttributeError:  # buffers and zmq.Frame, not bytes
+            return [bytes(f).decode() for f in frames]
     except UnicodeDecodeError:
         raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "frame is not valid UTF-8") from None
 
 
 def encode_request(request_id: str, type: MessageType, *args: str) -> list[bytes]:
-    return [request_id.encode(), type.value.encode(), *(a.encode() for a in args)]
+    return [request_id.encode(), type.value.encode(), *[a.encode() for a in args]]
 
 
 def decode_request(frames: Sequence[bytes]) -> Request:
@@ -69,21 +74,19 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     texts = _texts(frames)
     if len(texts) < 2:
         raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "a request needs an id and a type")
-    request_id, name, args = texts[0], texts[1], tuple(texts[2:])
-    try:
-        type = MessageType(name)
-    except ValueError:
-        raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, "unknown message type") from None
-    if len(args) != len(ARGUMENTS[type]):
-        raise SwitchError(
-            ErrorCode.INTERNAL_MALFORMED_MESSAGE, f"{type} takes {len(ARGUMENTS[type])} arguments, got {len(args)}"
-        )
-    return Request(request_id, type, args)
+    found = _TYPES.get(texts[1])
+    if found is None:
+        raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, "unknown message type")
+    type, arity = found
+    args = tuple(texts[2:])
+    if len(args) != arity:
+        raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, f"{type} takes {arity} arguments, got {len(args)}")
+    return Request(texts[0], type, args)
 
 
 def encode_reply(request_id: bytes | str, status: str, *fields: str) -> list[bytes]:
     rid = request_id if isinstance(request_id, bytes) else request_id.encode()
-    return [rid, status.encode(), *(f.encode() for f in fields)]
+    return [rid, status.encode(), *[f.encode() for f in fields]]
 
 
 def decode_reply(frames: Sequence[bytes]) -> Reply:

@@ -71,13 +71,16 @@ async def handle(switch: Switch, stream: trio.SocketStream) -> None:
         if previous is not None and previous.client.closed is not None:
             with trio.move_on_after(CLEANUP_S):
                 await previous.done.wait()
-        try:
-            account_id, credits, restore = await switch.db.request(
-                MessageType.VALIDATE_AND_LOAD, params.key, params.session_id
-            )
-        except SwitchError as exc:
-            await _reject(stream, target, exc, metrics)
-            return
+        account_id, credits, restore = await switch.db.request(
+            MessageType.VALIDATE_AND_LOAD, params.key, params.session_id
+        )
+    except BaseException as exc:
+        metrics.sessions_open -= 1  # before answering: the client may retry at once
+        if not isinstance(exc, SwitchError):
+            raise
+        await _reject(stream, target, exc, metrics)
+        return
+    try:
         if not await _respond(stream, accept_response(key, params.subprotocol), close=False):
             return
         metrics.sessions_total += 1

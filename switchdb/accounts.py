@@ -191,17 +191,17 @@ def revoke_key(conn: Connection, hash_or_indicator: str) -> ApiKey:
     return key
 
 
-def authenticate(conn: Connection, plaintext: str, now: str) -> Account:
-    """The account behind a usable key, marking the key used; raises EXTERNAL_INVALID_AUTH."""
+def find_usable_key(conn: Connection, plaintext: str, now: str) -> tuple[Account, str]:
+    """(the account behind a usable key, the key's hash); raises EXTERNAL_INVALID_AUTH. Reads only."""
     key_hash = hash_key(plaintext)
     row = conn.execute(
         "SELECT k.expires_at, k.revoked_at, a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining,"
         " a.status, a.created_at FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
         (key_hash,),
-    ).fetchone()
-    if row is None:
+    ).fetchall()
+    if not row:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "unknown key")
-    expires_at, revoked_at, *account_row = row
+    expires_at, revoked_at, *account_row = row[0]
     if revoked_at is not None:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "revoked key")
     if expires_at is not None and expires_at <= now:
@@ -209,5 +209,19 @@ def authenticate(conn: Connection, plaintext: str, now: str) -> Account:
     account = Account(*account_row)
     if account.status != ACTIVE:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "account is not active")
-    conn.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (now, key_hash))
+    return account, key_hash
+
+
+def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:
+    """Set last_used_at; a key already marked at this second is not written again."""
+    for key_hash in key_hashes:
+        conn.execute(
+            "UPDATE api_keys SET last_used_at = ? WHERE key_hash = ? AND last_used_at IS NOT ?", (now, key_hash, now)
+        )
+
+
+def authenticate(conn: Connection, plaintext: str, now: str) -> Account:
+    """The account behind a usable key, marking the key used; raises EXTERNAL_INVALID_AUTH."""
+    account, key_hash = find_usable_key(conn, plaintext, now)
+    mark_keys_used(conn, [key_hash], now)
     return account

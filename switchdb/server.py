@@ -1,9 +1,20 @@
 """The switchdb daemon: a ZeroMQ ROUTER in front of the store.
 
-One reader task decodes requests and queues them on a bounded channel (PING and malformed
-messages are answered on the spot). One handler task takes everything queued, up to
-MAX_BATCH, runs it in the database worker thread as one transaction, then sends the replies:
-grouping is what makes the throughput, and the event loop never waits on SQLite.
+One reader task drains the socket a burst at a time, decodes the requests (and reads usage
+JSON) and queues each burst as one chunk on a bounded channel (PING and malformed messages are
+answered on the spot). One handler task takes everything queued, up to MAX_BATCH, runs it in
+the database worker thread as one transaction, then sends the replies in bursts: grouping is
+what makes the throughput, and the event loop never waits on a write. While the worker thread
+runs SQL (without the GIL), the reader goes on reading the next batch. Every turn of the event
+loop is kept short (bursts of READ_BURST/REPLY_BURST, a short GIL switch interval), so a PING
+is answered within about a millisecond even under a flood.
+
+The one exception, for latency: a small batch of reads only (VALIDATE_AND_LOAD, GET_CREDITS),
+with everything received before it already committed, is answered on the event loop through a
+second, reading connection (WAL: it never waits for the writer; busy_timeout 0: it never waits
+at all, a busy read goes to the worker thread). That saves the two thread hops, most of such a
+request's round trip; the one write VALIDATE_AND_LOAD makes (the key's last_used_at) follows
+in the worker thread.
 
 SIGTERM/SIGINT cancel only the reader; the handler drains the queue, commits and the replies
 go out before the socket closes.
@@ -11,7 +22,9 @@ go out before the socket closes.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import trio
@@ -19,24 +32,49 @@ import zmq
 
 from common.config import Settings
 from common.errors import ErrorCode, SwitchError
-from common.wire import MAX_MESSAGE_BYTES, NO_REPLY, OK, MessageType, Request, decode_request, encode_reply
+from common.wire import (
+    MAX_MESSAGE_BYTES,
+    NO_REPLY,
+    OK,
+    MessageType,
+    Request,
+    decode_request,
+    encode_reply,
+)
 from common.zmq_trio import ZmqSocket
 from switchdb import service
-from switchdb.db import migrate, open_database, utc_now
+from switchdb.db import Connection, DatabaseError, migrate, open_database, utc_now
+from switchdb.usage import Batch as UsageBatch
 from switchdb.worker import Database
 
 log = logging.getLogger(__name__)
 
+# Requests per database transaction (a batch can end up one chunk above it). Bigger batches
+# amortise the transaction better, but the worker thread holds the GIL for its Python part of a
+# batch (about 5 µs a request), which the event loop then waits for.
 MAX_BATCH = 256
-QUEUE_SIZE = 4096
+# Messages read (or replies sent) per turn of the event loop: at 20-50 µs each, a turn stays
+# under a millisecond, so a PING never waits long for the reader.
+READ_BURST = 32
+REPLY_BURST = 64
+# Read-only batches up to this size are answered on the event loop (see `_read_here`).
+READ_HERE_MAX = 8
+# The longest the event loop waits for the GIL while the worker thread runs Python (the
+# default, 5 ms, is the stall the loop would see each time).
+SWITCH_INTERVAL_S = 0.0005
+# Chunks (of at most READ_BURST requests) waiting for the database.
+QUEUE_CHUNKS = 64
 # Many switchd processes with many requests in flight: the default 1000 would make the ROUTER
 # drop replies (it never blocks) under a burst.
 HWM = 100_000
 # How long replies already sent may take to leave at shutdown.
 LINGER_MS = 2000
 _NO_REPLY_NAMES = frozenset(t.value.encode() for t in NO_REPLY)
+_RECORD_USAGE = MessageType.RECORD_USAGE.value.encode()
+_OK = OK.encode()
 
-Queued = tuple[bytes, Request]
+# (ROUTER identity, request id frame, request, what the database gets: the request, or its usage already read)
+Queued = tuple[bytes, bytes, Request, Request | UsageBatch]
 
 
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -56,34 +94,53 @@ def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT; `task_status.started(endpoint)` once bound."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     conn = open_database(settings.db_path, settings.db_encryption_key)
+    read_conn: Connection | None = None
     ctx = zmq.Context()
     try:
         migrate(conn)
         db = Database(conn)
+        read_conn = _open_reading(settings)
         raw = bind_router(ctx, settings.zmq_socket_path)
         endpoint = raw.getsockopt_string(zmq.LAST_ENDPOINT)
         sock = ZmqSocket(raw)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await _serve_socket(settings, db, sock, signals, endpoint, task_status)
+                await _serve_socket(settings, db, read_conn, sock, signals, endpoint, task_status)
         finally:
             raw.close(linger=LINGER_MS)
     finally:
         ctx.term()  # waits (at most LINGER_MS) for the last replies to leave
+        if read_conn is not None:
+            read_conn.close()
         conn.close()
     log.info("switchdb stopped")
+
+
+def _open_reading(settings: Settings) -> Connection | None:
+    """A second connection, for reads on the event loop (WAL: readers never wait for the writer).
+
+    It never waits for a lock either (busy_timeout 0): a busy read goes to the worker thread.
+    None for an in-memory database, which a second connection would not share.
+    """
+    if settings.db_path == ":memory:":
+        return None
+    reading = open_database(settings.db_path, settings.db_encryption_key)
+    reading.execute("PRAGMA busy_timeout = 0")
+    return reading
 
 
 async def _serve_socket(
     settings: Settings,
     db: Database,
+    read_conn: Connection | None,
     sock: ZmqSocket,
     signals: AsyncIterator[int],
     endpoint: str,
     task_status: trio.TaskStatus[str],
 ) -> None:
-    request_send, request_receive = trio.open_memory_channel[Queued](QUEUE_SIZE)
+    request_send, request_receive = trio.open_memory_channel[list[Queued]](QUEUE_CHUNKS)
     summary_send, summary_receive = trio.open_memory_channel[tuple[str, str]](256)
     async with trio.open_nursery() as background:
         if settings.gemini_api_key:
@@ -93,8 +150,11 @@ async def _serve_socket(
         else:
             summary_receive.close()
         async with summary_send, trio.open_nursery() as nursery:
+            marks_send, marks_receive = trio.open_memory_channel[tuple[list[str], str]](math.inf)
+            nursery.start_soon(_mark_keys_used, db, marks_receive)
             nursery.start_soon(
-                _handle_requests, db, sock, request_receive, summary_send if settings.gemini_api_key else None
+                _handle_requests, db, read_conn, sock, request_receive,
+                summary_send if settings.gemini_api_key else None, marks_send,
             )
             with trio.CancelScope() as reading:
                 nursery.start_soon(_cancel_on_signal, signals, reading)
@@ -112,62 +172,164 @@ async def _cancel_on_signal(signals: AsyncIterator[int], reading: trio.CancelSco
         return
 
 
-async def _read_requests(sock: ZmqSocket, requests: trio.MemorySendChannel[Queued]) -> None:
+async def _read_requests(sock: ZmqSocket, requests: trio.MemorySendChannel[list[Queued]]) -> None:
+    """Drain what the socket holds (at most READ_BURST messages per turn) and queue it as one chunk.
+
+    Decoding and reading usage_json happen here, on the event loop, between reads: the worker
+    thread then only runs SQL and hardly competes for the GIL. PINGs and malformed messages are
+    answered on the spot. A chunk once read is always queued (never dropped by a cancel): on
+    SIGTERM what was received gets finished.
+    """
     async with requests:
         while True:
-            identity, *frames = await sock.recv()
-            try:
-                request = decode_request(frames)
-            except SwitchError as exc:
-                await _refuse(sock, identity, frames, exc)
-                continue
-            if request.type is MessageType.PING:
-                await sock.send([identity, *encode_reply(frames[0], OK)])
+            chunk: list[Queued] = []
+            message: list[bytes] | None = None
+            for _ in range(READ_BURST):
+                message = sock.recv_nowait()
+                if message is None:
+                    break
+                identity, *frames = message
+                try:
+                    request = decode_request(frames)
+                    if request.type is MessageType.RECORD_USAGE:
+                        chunk.append((identity, frames[0], request, service.read_usage(request)))
+                        continue
+                except SwitchError as exc:
+                    _refuse(sock, identity, frames, exc)
+                    continue
+                if request.type is MessageType.PING:
+                    _reply(sock, [identity, frames[0], _OK])
+                else:
+                    chunk.append((identity, frames[0], request, request))
+            if chunk:
+                try:
+                    requests.send_nowait(chunk)
+                except trio.WouldBlock:
+                    with trio.CancelScope(shield=True):  # the handler is draining: this ends
+                        await requests.send(chunk)
+            if message is None:
+                await sock.wait_readable()
             else:
-                await requests.send((identity, request))
+                await trio.lowlevel.checkpoint()
 
 
-async def _refuse(sock: ZmqSocket, identity: bytes, frames: list[bytes], exc: SwitchError) -> None:
+def _reply(sock: ZmqSocket, frames: list[bytes]) -> None:
+    if not sock.send_nowait(frames):  # only at the high-water mark: the ROUTER drops it
+        log.warning("reply dropped at the high-water mark")
+
+
+def _refuse(sock: ZmqSocket, identity: bytes, frames: list[bytes], exc: SwitchError) -> None:
     if not frames:
         log.warning("dropped a message without a request id")
     elif len(frames) >= 2 and bytes(frames[1]) in _NO_REPLY_NAMES:
         log.warning("dropped malformed %s: %s", frames[1].decode(), exc.message, extra={"code": exc.code})
+    elif len(frames) >= 2 and frames[1] == _RECORD_USAGE and exc.code == ErrorCode.INTERNAL_BAD_USAGE:
+        log.debug("%s refused: %s", MessageType.RECORD_USAGE, exc.message, extra={"code": exc.code})
+        _reply(sock, [identity, *encode_reply(bytes(frames[0]), exc.code)])
     else:
         log.warning("refused a malformed request: %s", exc.message, extra={"code": exc.code})
-        await sock.send([identity, *encode_reply(bytes(frames[0]), exc.code)])
+        _reply(sock, [identity, *encode_reply(bytes(frames[0]), exc.code)])
 
 
 async def _handle_requests(
     db: Database,
+    read_conn: Connection | None,
     sock: ZmqSocket,
-    requests: trio.MemoryReceiveChannel[Queued],
+    requests: trio.MemoryReceiveChannel[list[Queued]],
     summaries: trio.MemorySendChannel[tuple[str, str]] | None,
+    marks: trio.MemorySendChannel[tuple[list[str], str]],
 ) -> None:
-    async with requests:
-        async for first in requests:
-            batch = [first]
+    async with requests, marks:
+        async for batch in requests:
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(requests.receive_nowait())
+                    batch += requests.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            works = [work for _, _, _, work in batch]
+            now = utc_now()
+            # Only reads, and everything before them committed: answered here on the event loop
+            # through the reading connection (a fraction of a millisecond, less than the trip to
+            # the worker thread and back), and the keys marked used afterwards.
+            outcomes = _read_here(read_conn, works, now)
+            used_keys = None
+            if outcomes is not None:
+                outcomes, used_keys = outcomes
+            else:
+                try:
+                    outcomes = await db.run(service.handle_batch, works, now)
+                except Exception:
+                    # The commit itself failed (disk full, I/O error): nothing of the batch is stored.
+                    log.exception("a batch of %d requests could not be committed", len(batch))
+                    outcomes = [service.Outcome(ErrorCode.INTERNAL_ERROR)] * len(batch)
+            # The replies go out in bursts, with the reader (and its PINGs) let in between.
+            for start in range(0, len(batch), REPLY_BURST):
+                if start:
+                    await trio.lowlevel.checkpoint()
+                replies = _replies(
+                    batch[start : start + REPLY_BURST], outcomes[start : start + REPLY_BURST], summaries
+                )
+                for reply in sock.send_many_nowait(replies):  # refused only at the high-water mark
+                    await sock.send(reply)
+            if used_keys:
+                marks.send_nowait((used_keys, now))  # unbounded: one entry per read batch answered here
+
+
+def _replies(
+    batch: list[Queued],
+    outcomes: list[service.Outcome],
+    summaries: trio.MemorySendChannel[tuple[str, str]] | None,
+) -> list[list[bytes]]:
+    """The reply frames for `batch` (and the logging, and the summaries asked for)."""
+    replies = []
+    for (identity, request_id, request, _), outcome in zip(batch, outcomes):
+        if request.type not in NO_REPLY:
+            status, fields = outcome.status, outcome.fields
+            if status == OK:
+                replies.append([identity, request_id, _OK, *[field.encode() for field in fields]])
+                continue
+            log.debug("%s refused: %s", request.type, outcome.message, extra={"code": status})
+            replies.append([identity, *encode_reply(request_id, status, *fields)])
+        elif outcome.status != OK:
+            log.warning("%s dropped: %s", request.type, outcome.message, extra={"code": outcome.status})
+        elif outcome.summarise and summaries is not None:
             try:
-                outcomes = await db.run(service.handle_batch, [request for _, request in batch], utc_now())
+                summaries.send_nowait((request.args[0], request.args[1]))
+            except trio.WouldBlock:
+                pass  # the next append asks again
+    return replies
+
+
+async def _mark_keys_used(db: Database, marks: trio.MemoryReceiveChannel[tuple[list[str], str]]) -> None:
+    """The last_used_at writes left by reads answered on the event loop, grouped, in the worker thread."""
+    async with marks:
+        async for keys, now in marks:
+            keys = list(keys)
+            while True:
+                try:
+                    more, now = marks.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                keys += more
+            try:
+                await db.run(service.mark_keys_used, list(dict.fromkeys(keys)), now)
             except Exception:
-                # The commit itself failed (disk full, I/O error): nothing of the batch is stored.
-                log.exception("a batch of %d requests could not be committed", len(batch))
-                outcomes = [service.Outcome(ErrorCode.INTERNAL_ERROR)] * len(batch)
-            for (identity, request), outcome in zip(batch, outcomes):
-                if request.type not in NO_REPLY:
-                    if outcome.status != OK:
-                        log.debug("%s refused: %s", request.type, outcome.message, extra={"code": outcome.status})
-                    reply = [identity, *encode_reply(request.request_id, outcome.status, *outcome.fields)]
-                    if not sock.send_nowait(reply):  # only at the high-water mark
-                        await sock.send(reply)
-                elif outcome.status != OK:
-                    log.warning("%s dropped: %s", request.type, outcome.message, extra={"code": outcome.status})
-                elif outcome.summarise and summaries is not None:
-                    try:
-                        summaries.send_nowait((request.args[0], request.args[1]))
-                    except trio.WouldBlock:
-                        pass  # the next append asks again
+                log.exception("could not mark %d keys used", len(keys))
+
+
+def _read_here(
+    read_conn: Connection | None, works: list[Request | UsageBatch], now: str
+) -> tuple[list[service.Outcome], list[str]] | None:
+    """`service.handle_reads` when `works` are all READ_ONLY requests; None to use the worker thread."""
+    if read_conn is None or len(works) > READ_HERE_MAX:
+        return None
+    for work in works:
+        if type(work) is not Request or work.type not in service.READ_ONLY:
+            return None
+    try:
+        return service.handle_reads(read_conn, works, now)  # type: ignore[arg-type]
+    except DatabaseError as exc:  # busy, say: the worker thread waits for it instead
+        log.debug("read on the event loop failed (%s); using the worker thread", exc)
+    except Exception:
+        log.exception("read on the event loop failed; using the worker thread")
+    return None

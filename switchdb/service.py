@@ -1,14 +1,16 @@
 """What switchdb does with each request, over the three stores; no sockets here.
 
-`handle_batch` runs many requests in one transaction (a savepoint each) inside the database
-worker thread. `run_summariser` is the background task that shortens long conversations.
+`handle_batch` runs many requests in one transaction inside the database worker thread: each
+in a savepoint of its own, except runs of usage batches, recorded together (one code path for
+usage: `usage.record_batches`). `handle_reads` answers read-only requests on a second, reading
+connection. `run_summariser` is the background task that shortens long conversations.
 """
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -27,23 +29,82 @@ SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RETRY_GROWTH = 4_000
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
+    """What became of a request (a tuple: one is made per request, tens of thousands a second)."""
+
     status: str = OK
     fields: tuple[str, ...] = ()
     message: str = ""
     summarise: bool = False  # the conversation has outgrown the injected context
 
 
-def validate_and_load(conn: Connection, api_key: str, session_id: str, now: str) -> Outcome:
+_NO_OUTCOME = Outcome(ErrorCode.INTERNAL_ERROR, message="not handled")
+
+
+def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -> tuple[Outcome, str]:
+    """VALIDATE_AND_LOAD without its one write: (outcome, hash of the key to mark used)."""
     if not SESSION_ID.fullmatch(session_id):
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "session id must be 1-128 characters of A-Za-z0-9._:-")
-    account = accounts.authenticate(conn, api_key, now)
+    account, key_hash = accounts.find_usable_key(conn, api_key, now)
     stored, conversation = sessions.load(conn, account.id, session_id)
     fields = (account.id, str(account.credits), sessions.restored_session(stored, conversation))
     if account.credits <= 0:
-        return Outcome(ErrorCode.EXTERNAL_NO_CREDITS, fields, "no credits left")
-    return Outcome(OK, fields)
+        return Outcome(ErrorCode.EXTERNAL_NO_CREDITS, fields, "no credits left"), key_hash
+    return Outcome(OK, fields), key_hash
+
+
+def validate_and_load(conn: Connection, api_key: str, session_id: str, now: str) -> Outcome:
+    outcome, key_hash = _load_validated(conn, api_key, session_id, now)
+    accounts.mark_keys_used(conn, [key_hash], now)
+    return outcome
+
+
+# Requests that only read (but for VALIDATE_AND_LOAD marking its key used, which can follow).
+READ_ONLY = frozenset({MessageType.VALIDATE_AND_LOAD, MessageType.GET_CREDITS})
+
+
+def handle_reads(conn: Connection, requests: Sequence[Request], now: str) -> tuple[list[Outcome], list[str]]:
+    """READ_ONLY requests in one read transaction: (outcomes, hashes of keys to mark used).
+
+    For a reading connection used off the worker thread: it sees what is committed, so the
+    caller must have nothing of its own uncommitted. A database error (busy) is raised, to
+    run the requests the ordinary way instead.
+    """
+    outcomes: list[Outcome] = []
+    used: list[str] = []
+    conn.execute("BEGIN")
+    try:
+        for request in requests:
+            try:
+                if request.type is MessageType.VALIDATE_AND_LOAD:
+                    outcome, key_hash = _load_validated(conn, request.args[0], request.args[1], now)
+                    used.append(key_hash)
+                elif request.type is MessageType.GET_CREDITS:
+                    outcome = Outcome(OK, (str(usage.get_credits(conn, request.args[0])),))
+                else:
+                    raise ValueError(f"{request.type} is not read-only")
+            except SwitchError as exc:
+                outcome = Outcome(exc.code, message=exc.message)
+            outcomes.append(outcome)
+    finally:
+        conn.execute("COMMIT")
+    return outcomes, used
+
+
+def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:
+    """The write that `handle_reads` leaves out, in a transaction of its own (worker thread)."""
+    with transaction(conn):
+        accounts.mark_keys_used(conn, key_hashes, now)
+
+
+def read_usage(request: Request) -> usage.Batch:
+    """A RECORD_USAGE's arguments, its usage_json read strictly; raises INTERNAL_BAD_USAGE.
+
+    Pure (no database): the server calls it on the event loop as requests arrive, so the
+    worker thread gets ready batches and holds the GIL as little as possible.
+    """
+    batch_id, account_id, session_id, provider, model, usage_json = request.args
+    return usage.Batch(batch_id, account_id, session_id, provider, model, UsageTotals.from_json(usage_json))
 
 
 def handle(conn: Connection, request: Request, now: str) -> Outcome:
@@ -55,9 +116,10 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
         case MessageType.GET_CREDITS:
             return Outcome(OK, (str(usage.get_credits(conn, args[0])),))
         case MessageType.RECORD_USAGE:
-            batch_id, account_id, session_id, provider, model, usage_json = args
-            totals = UsageTotals.from_json(usage_json)
-            credits = usage.record_usage(conn, batch_id, account_id, session_id, provider, model, totals, now)
+            batch = read_usage(request)
+            credits = usage.record_usage(
+                conn, batch.batch_id, batch.account_id, batch.session_id, batch.provider, batch.model, batch.totals, now
+            )
             return Outcome(OK, (str(credits),))
         case MessageType.SAVE_SESSION:
             accounts.require_account(conn, args[0])
@@ -72,19 +134,64 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 
-def handle_batch(conn: Connection, requests: Sequence[Request], now: str) -> list[Outcome]:
-    """All requests in one transaction; each in its own savepoint, so a refusal undoes only itself."""
-    outcomes: list[Outcome] = []
+def _handle_one(conn: Connection, request: Request, now: str) -> Outcome:
+    """One request in its own savepoint, so a refusal (or a failure) undoes only itself."""
+    try:
+        with savepoint(conn):
+            return handle(conn, request, now)
+    except SwitchError as exc:
+        return Outcome(exc.code, message=exc.message)
+    except Exception:
+        log.exception("%s failed", request.type)
+        return Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
+
+
+def _record(conn: Connection, run: list[tuple[int, usage.Batch]], outcomes: list[Outcome], now: str) -> None:
+    """Consecutive usage batches in one savepoint; if that fails, each again alone, to isolate the failure."""
+    try:
+        with savepoint(conn):
+            results = usage.record_batches(conn, [batch for _, batch in run], now)
+    except Exception:
+        if len(run) > 1:
+            for item in run:
+                _record(conn, [item], outcomes, now)
+            return
+        log.exception("%s failed", MessageType.RECORD_USAGE)
+        outcomes[run[0][0]] = Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
+        return
+    for (i, _), result in zip(run, results):
+        if type(result) is int:
+            outcomes[i] = Outcome(OK, (str(result),))
+        else:
+            outcomes[i] = Outcome(result.code, message=result.message)  # type: ignore[union-attr]
+
+
+def handle_batch(conn: Connection, requests: Sequence[Request | usage.Batch], now: str) -> list[Outcome]:
+    """All requests in one transaction, in order; a refusal undoes only itself.
+
+    RECORD_USAGE may come already read (`read_usage`) as a `usage.Batch`. Consecutive usage
+    batches are recorded together by `usage.record_batches` (a fixed number of statements
+    however many there are); any other request runs alone in its own savepoint.
+    """
+    outcomes: list[Outcome] = [_NO_OUTCOME] * len(requests)
+    run: list[tuple[int, usage.Batch]] = []
     with transaction(conn):
-        for request in requests:
-            try:
-                with savepoint(conn):
-                    outcomes.append(handle(conn, request, now))
-            except SwitchError as exc:
-                outcomes.append(Outcome(exc.code, message=exc.message))
-            except Exception:
-                log.exception("%s failed", request.type)
-                outcomes.append(Outcome(ErrorCode.INTERNAL_ERROR, message="internal error"))
+        for i, request in enumerate(requests):
+            if type(request) is Request:
+                if request.type is not MessageType.RECORD_USAGE:
+                    if run:
+                        _record(conn, run, outcomes, now)
+                        run = []
+                    outcomes[i] = _handle_one(conn, request, now)
+                    continue
+                try:
+                    request = read_usage(request)
+                except SwitchError as exc:
+                    outcomes[i] = Outcome(exc.code, message=exc.message)
+                    continue
+            run.append((i, request))  # type: ignore[arg-type]
+        if run:
+            _record(conn, run, outcomes, now)
     return outcomes
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from common.wire import (
     ARGUMENTS,
     MAX_MESSAGE_BYTES,
     MessageType,
+    Request,
     decode_reply,
     decode_request,
     encode_reply,
@@ -154,3 +157,80 @@ def test_non_finite_duration_is_ignored() -> None:
     totals = UsageTotals()
     totals.add_transcription(json.loads('{"type":"duration","seconds":Infinity}'))
     assert totals.transcription_seconds == 0 and UsageTotals.from_json(totals.to_json()) == totals
+
+
+def _from_json_reference(text: str) -> UsageTotals:
+    """UsageTotals.from_json as first written (json.loads, then each count checked in turn)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json is not JSON") from None
+    if not isinstance(data, dict):
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json must be an object")
+
+    def count(obj: dict, key: str) -> int:
+        value = obj.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage count {key} must be a non-negative integer")
+        return value
+
+    def details(key: str) -> dict:
+        value = data.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {key} must be an object")
+        return value
+
+    inp, out = details("input_token_details"), details("output_token_details")
+    seconds = data.get("transcription_seconds", 0)
+    if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
+    totals = UsageTotals(
+        input_tokens=count(data, "input_tokens"), output_tokens=count(data, "output_tokens"),
+        input_text=count(inp, "text_tokens"), input_audio=count(inp, "audio_tokens"),
+        input_image=count(inp, "image_tokens"), input_cached=count(inp, "cached_tokens"),
+        output_text=count(out, "text_tokens"), output_audio=count(out, "audio_tokens"),
+        transcription_tokens=count(data, "transcription_tokens"), transcription_seconds=float(seconds),
+        reports=count(data, "reports"),
+    )
+    count(data, "total_tokens")
+    return totals
+
+
+def _outcome(fn: Callable[[str], UsageTotals], text: str) -> object:
+    try:
+        return fn(text)
+    except SwitchError as exc:
+        return (exc.code, exc.message)
+
+
+_counts = st.one_of(st.integers(min_value=-3, max_value=2**70), st.floats(allow_nan=True), st.booleans(), st.none(),
+                    st.text(max_size=3))
+_usage_objects = st.fixed_dictionaries({}, optional={
+    "input_tokens": _counts, "output_tokens": _counts, "total_tokens": _counts, "transcription_tokens": _counts,
+    "reports": _counts, "transcription_seconds": _counts,
+    "input_token_details": st.one_of(st.none(), _counts, st.fixed_dictionaries({}, optional={
+        k: _counts for k in ("text_tokens", "audio_tokens", "image_tokens", "cached_tokens")})),
+    "output_token_details": st.one_of(st.none(), _counts, st.fixed_dictionaries({}, optional={
+        k: _counts for k in ("text_tokens", "audio_tokens")})),
+})
+
+
+@given(_usage_objects, st.sampled_from(["", " ", "\n", "\ufeff", "x", "{}"]), st.booleans())
+def test_usage_json_reading_matches_plain_json_loads(obj: dict, affix: str, before: bool) -> None:
+    # from_json skips json.loads' wrappers when it can: same totals, same refusals, whatever the text.
+    text = json.dumps(obj)
+    for candidate in (text, affix + text if before else text + affix):
+        assert _outcome(UsageTotals.from_json, candidate) == _outcome(_from_json_reference, candidate)
+
+
+@given(st.text(max_size=40))
+def test_usage_json_reading_matches_on_any_text(text: str) -> None:
+    assert _outcome(UsageTotals.from_json, text) == _outcome(_from_json_reference, text)
+
+
+def test_decode_request_takes_buffers_too() -> None:
+    frames = encode_request("r1", MessageType.GET_CREDITS, "acct_é")
+    assert decode_request([memoryview(f) for f in frames]) == decode_request(frames) == Request(
+        "r1", MessageType.GET_CREDITS, ("acct_é",))

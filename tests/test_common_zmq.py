@@ -109,3 +109,60 @@ async def test_fire_and_forget_sends_arrive_in_order(tmp_path: Path) -> None:
             got = [decode_request((await router.recv())[1:]).args[2] for _ in range(2000)]
     assert got == [str(i) for i in range(2000)]
     router.close()
+
+
+async def test_bursts_drain_and_answer_everything(tmp_path: Path) -> None:
+    # The server-side pattern: drain all that is waiting, answer it in one burst, park; no
+    # message may be left waiting for an edge that already went (also across multipart frames).
+    ep = endpoint(tmp_path)
+    raw = zmq.Context.instance().socket(zmq.ROUTER)
+    raw.bind(ep)
+    router = ZmqSocket(raw)
+    assert router.recv_nowait() is None
+
+    async def serve() -> None:
+        while True:
+            burst = []
+            while (message := router.recv_nowait()) is not None:
+                identity, *frames = message
+                req = decode_request(frames)
+                burst.append([identity, *encode_reply(req.request_id, OK, *req.args)])
+            assert router.send_many_nowait(burst) == []
+            await router.wait_readable()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with open_db_client(ep, 5000) as db:
+
+            async def ask(i: int) -> None:
+                assert await db.request(MessageType.GET_CREDITS, f"{i}\x00é" * (i % 5)) == (f"{i}\x00é" * (i % 5),)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as askers:
+                    for i in range(1000):
+                        askers.start_soon(ask, i)
+        nursery.cancel_scope.cancel()
+    router.close()
+
+
+async def test_send_many_keeps_order_and_returns_what_the_hwm_refused(tmp_path: Path) -> None:
+    ep = endpoint(tmp_path)
+    ctx = zmq.Context.instance()
+    push_raw = ctx.socket(zmq.PUSH)
+    push_raw.setsockopt(zmq.SNDHWM, 5)
+    push_raw.setsockopt(zmq.LINGER, 0)
+    push_raw.bind(ep)
+    push = ZmqSocket(push_raw)
+    # No peer yet: a PUSH queues nothing and refuses at once, so everything comes back, in order.
+    messages = [[b"m", str(i).encode()] for i in range(20)]
+    assert push.send_many_nowait(messages) == messages
+    pull_raw = ctx.socket(zmq.PULL)
+    pull_raw.connect(ep)
+    pull = ZmqSocket(pull_raw)
+    with trio.fail_after(10):
+        for frames in messages:
+            await push.send(frames)
+        got = [await pull.recv() for _ in messages]
+    assert got == messages
+    push.close()
+    pull.close()

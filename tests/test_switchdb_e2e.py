@@ -168,7 +168,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_acknowledged(tmp_pa
                             break
                         nursery.start_soon(record, i)
                         if i % 25 == 24:
-                            await trio.sleep(0)  # let replies in, keep some hundreds in flight
+                            await trio.lowlevel.checkpoint()  # let replies in, keep some hundreds in flight
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:

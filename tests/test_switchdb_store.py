@@ -323,3 +323,113 @@ def test_replace_conversation_head_keeps_what_was_appended(conn: db.Connection) 
         assert sessions.replace_conversation_head(conn, a.id, "s", head, "summary:ab\n")  # type: ignore[arg-type]
         assert not sessions.replace_conversation_head(conn, a.id, "s", "user:zzz", "nope")
     assert sessions.get_conversation(conn, a.id, "s") == "summary:ab\nuser:c\n"
+
+
+def test_batches_recorded_together_match_one_at_a_time(tmp_path: Path) -> None:
+    # The bulk path (one run of usage in a batch) against a model of the credit rules applied
+    # batch by batch: topup first, plan tokens may go negative, a batch id counts once.
+    import random
+
+    rng = random.Random(7)
+    c = open_database(str(tmp_path / "bulk.db"), None)
+    migrate(c)
+    ids = [new_account(c, f"u{i}@example.com", tokens=rng.randint(0, 500), topup=rng.choice([0, 40, 300])).id
+           for i in range(3)]
+    model = {a: list(c.execute("SELECT token_remaining, topup_remaining FROM accounts WHERE id = ?", (a,)).fetchone())
+             for a in ids}
+    requests, expected = [], []
+    for n in range(300):
+        account = rng.choice([*ids, "acct_nobody"])
+        batch_id = f"b{rng.randint(0, 200)}"  # repeats, within a transaction and across them
+        inp, out, tr = rng.randint(0, 90), rng.randint(0, 90), rng.choice([0, 0, 7])
+        requests.append(Request(f"r{n}", MessageType.RECORD_USAGE,
+                                (batch_id, account, "s", "openai", "m", usage_json(inp, out, tr))))
+    seen: set[str] = set()
+    for r in requests:
+        batch_id, account = r.args[0], r.args[1]
+        if account not in model:
+            expected.append(service.Outcome(ErrorCode.EXTERNAL_NOT_FOUND, message=f"no account {account}"))
+            continue
+        tokens_, topup = model[account]
+        if batch_id not in seen:
+            seen.add(batch_id)
+            spent = sum(json.loads(r.args[5])[k] for k in ("input_tokens", "output_tokens", "transcription_tokens"))
+            take = min(max(topup, 0), spent)
+            model[account] = [tokens_ - (spent - take), topup - take]
+        expected.append(service.Outcome(OK, (str(sum(model[account])),)))
+    got: list[service.Outcome] = []
+    for start in range(0, len(requests), 97):  # transactions of several sizes, runs over 64 rows
+        got += service.handle_batch(c, requests[start : start + 97], utc_now())
+    assert got == expected
+    for a in ids:
+        assert list(c.execute("SELECT token_remaining, topup_remaining FROM accounts WHERE id = ?", (a,)).fetchone()) \
+            == model[a]
+    assert c.execute("SELECT count(*) FROM usage_metrics").fetchone()[0] == len(seen)
+    c.close()
+
+
+def test_usage_runs_keep_their_order_with_other_requests(conn: db.Connection) -> None:
+    a = new_account(conn, tokens=1000)
+    outcomes = batch(
+        conn,
+        (MessageType.RECORD_USAGE, ("b1", a.id, "s", "openai", "m", usage_json(100))),
+        (MessageType.RECORD_USAGE, ("b2", a.id, "s", "openai", "m", usage_json(50))),
+        (MessageType.GET_CREDITS, (a.id,)),
+        (MessageType.RECORD_USAGE, ("b3", a.id, "s", "openai", "m", '{"input_tokens": -1}')),
+        (MessageType.RECORD_USAGE, ("b1", a.id, "s", "openai", "m", usage_json(100))),
+        (MessageType.RECORD_USAGE, ("b4", a.id, "s", "openai", "m", usage_json(1))),
+    )
+    assert [(o.status, o.fields) for o in outcomes] == [
+        (OK, ("900",)), (OK, ("850",)), (OK, ("850",)), (ErrorCode.INTERNAL_BAD_USAGE, ()), (OK, ("850",)),
+        (OK, ("849",)),
+    ]
+
+
+def test_a_count_beyond_64_bits_is_refused_alone(conn: db.Connection) -> None:
+    a = new_account(conn, tokens=1000)
+    huge = json.dumps({"input_tokens": 2**63})
+    outcomes = batch(
+        conn,
+        (MessageType.RECORD_USAGE, ("b1", a.id, "s", "openai", "m", usage_json(10))),
+        (MessageType.RECORD_USAGE, ("b2", a.id, "s", "openai", "m", huge)),
+        (MessageType.RECORD_USAGE, ("b3", a.id, "s", "openai", "m", usage_json(10))),
+    )
+    assert [o.status for o in outcomes] == [OK, ErrorCode.INTERNAL_BAD_USAGE, OK]
+    assert accounts.require_account(conn, a.id).credits == 980
+    assert {r[0] for r in conn.execute("SELECT batch_id FROM usage_metrics")} == {"b1", "b3"}
+
+
+def test_a_failing_batch_in_a_run_fails_alone(conn: db.Connection) -> None:
+    # A write failing for a reason no check foresaw (here a trigger) undoes the run, which is
+    # then recorded batch by batch: only the failing one gets INTERNAL_ERROR.
+    a = new_account(conn, tokens=1000)
+    conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
+                 " BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    outcomes = batch(conn, *[(MessageType.RECORD_USAGE, (b, a.id, "s", "openai", "m", usage_json(10)))
+                             for b in ("b1", "bad", "b2")])
+    assert [(o.status, o.fields) for o in outcomes] == [
+        (OK, ("990",)), (ErrorCode.INTERNAL_ERROR, ()), (OK, ("980",))
+    ]
+    assert {r[0] for r in conn.execute("SELECT batch_id FROM usage_metrics")} == {"b1", "b2"}
+
+
+def test_reads_on_a_second_connection_leave_the_key_mark_for_later(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.db")
+    writer = open_database(path, None)
+    migrate(writer)
+    a = new_account(writer, tokens=5)
+    key = new_key(writer, a.id)
+    reader = open_database(path, None)
+    now = utc_now()
+    requests = [Request("r1", MessageType.VALIDATE_AND_LOAD, (key, "s")), Request("r2", MessageType.GET_CREDITS, (a.id,)),
+                Request("r3", MessageType.VALIDATE_AND_LOAD, ("rsk_wrong", "s"))]
+    outcomes, used = service.handle_reads(reader, requests, now)
+    assert outcomes == [service.Outcome(OK, (a.id, "5", "")), service.Outcome(OK, ("5",)),
+                        service.Outcome(ErrorCode.EXTERNAL_INVALID_AUTH, (), "unknown key")]
+    assert outcomes == service.handle_batch(writer, requests, now)  # the same answers as the worker's
+    key_hash = accounts.hash_key(key)
+    assert used == [key_hash]
+    service.mark_keys_used(writer, used, now)
+    assert accounts.get_key(reader, key_hash).last_used_at == now  # type: ignore[union-attr]
+    reader.close()
+    writer.close()
