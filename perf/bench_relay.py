@@ -63,14 +63,15 @@ class Plan:
     duration: float
     warmup: float
     capacity_budget_s: float
+    floor_sessions: int = 150
     retry_disturbed: bool = True  # off in smoke: that run only checks the fields, and must stay short
 
 
 PLANS = {
     # 150 is where the issue's target sits, so it is measured, not interpolated.
     "full": Plan(2, 3.0, 3.0, (1, 50, 100, 150, 200, 300, 400), 6.0, 1.5, 150.0),
-    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0),
-    "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, retry_disturbed=False),
+    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50),
+    "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, floor_sessions=2, retry_disturbed=False),
 }
 
 
@@ -259,6 +260,40 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
     }
 
 
+async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
+    """(e) switchd side by side with a bare Trio TCP proxy in the same place: what switchd's own work adds."""
+    n = plan.floor_sessions
+    closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
+              "--samples", *PLAIN_PEER]
+    realtime = ["--sessions", str(n), "--duration", str(plan.duration), "--warmup", str(plan.warmup),
+                "--rate", "50", "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
+    port = env.peer.getsockname()[1]
+    async with procs.daemon([sys.executable, "-m", "perf.floor", "--target-port", str(port)],
+                            procs.base_env(), tmp / "floor.log", cwd=tmp) as proxy:
+        via_floor = ["--url", f"{proxy.address}/v1/realtime", "--key", "floor", "--session-prefix", "floor"]
+        runs: dict[str, dict[str, Any]] = {}
+        for name, via, watch in (("floor", via_floor, ["--watch", f"floor={proxy.pid}"]),
+                                 ("switchd", env.through("efloor"), _watch(env))):
+            c = await engine(env, *via, *closed)
+            await quiesce(env.switchd)
+            r = await engine(env, *via, *realtime, *watch)
+            await quiesce(env.switchd)
+            cpu = r["cpu"].get(name) or {}
+            relayed = r["sent_in_window"] + r["received_in_window"]
+            runs[name] = {
+                "closed_p50_ms": percentile(sorted(c["latency_us_samples"]), 50) / 1000,
+                "realtime_latency_ms": r["latency_ms"],
+                "lost": r["lost"],
+                "cpu_pct_of_core": cpu.get("pct_of_one_core"),
+                "us_per_relayed_message": _per_message(cpu, "cpu_s", relayed),
+            }
+    f, w = runs["floor"], runs["switchd"]
+    return {"sessions": n, "floor": f, "switchd": w,
+            "ratio_closed_p50": ratio(w["closed_p50_ms"], f["closed_p50_ms"]),
+            "ratio_us_per_message": ratio(w["us_per_relayed_message"] or float("nan"),
+                                          f["us_per_relayed_message"] or float("nan"))}
+
+
 async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     plan = PLANS[mode]
     with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name, peer_socket() as peer:
@@ -276,7 +311,8 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
             for n in plan.ns:
                 points.append(await measured_point(env, plan, n, f"rt{n}"))
             cap = await capacity(env, plan, points)
-    results = {"closed_loop": closed, "pipelined": flood, "realtime": points, "capacity": cap,
+            floor = await floor_comparison(env, plan, tmp)
+    results = {"closed_loop": closed, "pipelined": flood, "realtime": points, "capacity": cap, "floor": floor,
                "plan": plan.__dict__, "load_engine": "perf.engine (epoll, both ends in one process)"}
     _print(results)
     notes = [
@@ -342,6 +378,16 @@ def _print(r: dict[str, Any]) -> None:
            + (" where the direct baseline itself was saturated" if cap["limited_by_baseline"] else ""))
     emit(f"Relay (d): capacity = {cap['sessions']} realtime sessions per switchd process ({why}; "
          f"{cap['criterion']}; {len(cap['search_steps'])} bisection step(s))")
+    fl = r["floor"]
+    emit(table(f"Relay (e): switchd vs a bare Trio TCP proxy (perf.floor) in the same place — {fl['sessions']} realtime "
+               "sessions, and a closed loop of 1 KB frames",
+               ["relay", "closed p50 ms", "realtime p50 ms", "realtime p99 ms", "lost", "CPU % of a core", "µs/msg"],
+               [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p50"),
+                 (x["realtime_latency_ms"] or {}).get("p99"), x["lost"], x["cpu_pct_of_core"],
+                 x["us_per_relayed_message"]] for name, x in (("bare Trio proxy", fl["floor"]),
+                                                               ("switchd", fl["switchd"]))], digits=3))
+    emit(f"switchd / floor: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
+         f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}")
 
 
 def run(mode: str) -> tuple[dict[str, Any], list[str]]:

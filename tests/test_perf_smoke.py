@@ -24,7 +24,7 @@ EXPECTED: dict[str, set[str]] = {
     "switchdb": {"validate_and_load_ms", "record_usage", "record_usage_per_s_max", "ping_idle_ms",
                  "ping_during_flood_ms", "worst_stall_ms"},
     "connect": {"first_event_p50_ms", "first_event_p99_ms", "connects_per_side", "errors"},
-    "relay": {"closed_loop", "pipelined", "realtime", "capacity"},
+    "relay": {"closed_loop", "pipelined", "realtime", "capacity", "floor"},
 }
 REALTIME_POINT = {"sessions", "latency_ms", "added_ms", "lost", "connect_failed", "switchd_cpu_pct_of_core",
                   "switchd_us_per_relayed_message", "switchd_user_us_per_relayed_message",
@@ -69,6 +69,9 @@ def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
         assert point["peer"]["through"]["appends"] == point["peer"]["direct"]["appends"] > 0
     assert relay["closed_loop"]["samples_through"] > 0 and relay["closed_loop"]["samples_direct"] > 0
     assert relay["pipelined"]["lost"] == {"direct": 0, "through": 0}
+    floor = relay["floor"]  # switchd side by side with a bare Trio proxy
+    assert floor["floor"]["lost"] == 0 and floor["switchd"]["lost"] == 0
+    assert floor["floor"]["us_per_relayed_message"] and floor["switchd"]["us_per_relayed_message"]
 
 
 def test_metering_methods_did_the_same_work_and_the_scan_is_fooled(results: Path) -> None:
