@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+from common import fastjson
 from common.errors import ErrorCode, SwitchError
 
 
@@ -20,24 +21,13 @@ def _count(value: object) -> int:
 
 
 _NO_DETAILS: dict[str, object] = {}
-# json.loads is this C scanner behind two Python layers and two regex matches; a usage batch is
-# read tens of thousands of times a second, so text that the scanner reads whole in one call
-# (switchd's to_json output always is) skips them. Anything else goes through json.loads itself.
-_scan_once = json.JSONDecoder().scan_once
 
 
 def _loads(text: str) -> object:
     """json.loads(text), same result and same refusals; raises INTERNAL_BAD_USAGE for what is not JSON."""
-    if type(text) is str:
-        try:
-            data, end = _scan_once(text, 0)
-            if end == len(text):
-                return data
-        except (StopIteration, ValueError, RecursionError):
-            pass
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
+        return fastjson.loads(text)
+    except (ValueError, RecursionError, TypeError):
         raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage_json is not JSON") from None
 
 

@@ -20,9 +20,9 @@ or lower its bill (protocol reference 3.3).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
+from common import fastjson
 from common.usage import UsageTotals
 from switchd.transcript import AGENT_DELTAS, USER_COMPLETED, USER_DELTA
 
@@ -50,7 +50,7 @@ def upstream_event(frame: str) -> dict | None:
         if kind not in ACTIONABLE and "\\" not in kind:
             return None
     try:
-        event = json.loads(frame)
+        event = fastjson.loads(frame)
     except (ValueError, RecursionError):  # invalid JSON, absurd nesting
         return None
     if type(event) is not dict:

@@ -234,3 +234,20 @@ def test_decode_request_takes_buffers_too() -> None:
     frames = encode_request("r1", MessageType.GET_CREDITS, "acct_é")
     assert decode_request([memoryview(f) for f in frames]) == decode_request(frames) == Request(
         "r1", MessageType.GET_CREDITS, ("acct_é",))
+
+
+@given(st.one_of(st.text(), st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
+                                         lambda c: st.lists(c, max_size=4) | st.dictionaries(texts, c, max_size=4),
+                                         max_leaves=10).map(json.dumps)),
+       st.sampled_from(["", " ", "\n"]))
+def test_fastjson_is_json_loads(text: str, pad: str) -> None:
+    from common import fastjson
+
+    text = pad + text + pad
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            fastjson.loads(text)
+    else:
+        assert fastjson.loads(text) == expected

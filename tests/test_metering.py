@@ -310,7 +310,7 @@ def test_fast_paths_do_not_parse(monkeypatch: Any) -> None:
     def no_parsing(_: str) -> None:
         raise AssertionError("parsed")
 
-    monkeypatch.setattr(metering.json, "loads", no_parsing)
+    monkeypatch.setattr(metering.fastjson, "loads", no_parsing)
     assert upstream_event(audio_delta(b"\0" * 9600)) is None
     assert upstream_event('{"type":"rate_limits.updated","rate_limits":[]}') is None
     assert upstream_event('{"type":"response.created","response":{"metadata":{"type":"response.done"}}}') is None
