@@ -41,12 +41,6 @@ def machine_seconds() -> tuple[float, float] | None:
     return (sum(fields[:8]) - idle - steal) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all cores spent busy (steal excluded) since boot, to see what else ran meanwhile."""
-    seconds = machine_seconds()
-    return None if seconds is None else seconds[0]
-
-
 class CpuWindow:
     """CPU used by some processes and by the machine between `start()` and `stop()`."""
 

@@ -43,7 +43,7 @@ import trio
 from trio_websocket import (ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection,
                             connect_websocket_url)
 
-from perf.cpu import cpu_times, machine_busy_seconds
+from perf.cpu import CpuWindow
 from perf.report import summarize, table
 
 BYTES_PER_MS = 48  # PCM16 mono at 24 kHz
@@ -314,29 +314,11 @@ async def _connects(cfg: Config, stats: Stats) -> None:
 
 
 async def _sample_cpu(cfg: Config, clock: Clock, out: dict[str, Any]) -> None:
-    pids = {**cfg.watch, "load generator": os.getpid()}
+    window = CpuWindow({**cfg.watch, "load generator": os.getpid()})
     await trio.sleep_until(clock.window_start)
-    before = {n: cpu_times(p) for n, p in pids.items()}
-    busy_before = machine_busy_seconds()
+    window.start()
     await trio.sleep_until(clock.window_end)
-    span = clock.window_end - clock.window_start
-    ours = 0.0
-    for name, pid in pids.items():
-        after, start = cpu_times(pid), before[name]
-        if start is None or after is None:
-            out[name] = None
-            continue
-        user, system = after[0] - start[0], after[1] - start[1]
-        ours += user + system
-        # The user/kernel split tells Python work from the loopback TCP stack's share.
-        out[name] = {"pid": pid, "cpu_s": user + system, "user_s": user, "system_s": system,
-                     "pct_of_one_core": 100 * (user + system) / span}
-    busy_after = machine_busy_seconds()
-    if busy_before is not None and busy_after is not None:
-        # Everything else on the machine (other users' work, switchdb, the kernel's share) in the window.
-        out["machine"] = {"busy_cores": (busy_after - busy_before) / span,
-                          "others_cores": max(0.0, (busy_after - busy_before - ours) / span),
-                          "cores": os.cpu_count()}
+    out.update(window.stop())
 
 
 async def run(cfg: Config) -> dict[str, Any]:

@@ -2,32 +2,21 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
 import trio
 
-from tests.daemons import BIN, Daemon, base_env, daemon
+from perf import procs
+from tests.daemons import Daemon, base_env, daemon
 
 _names = itertools.count()
 
 
-@dataclass
-class Stack:
-    tmp: Path
-    env: dict[str, str]
-    db: Daemon
-
-    async def cli(self, *args: str) -> dict:
-        result = await trio.run_process(
-            [str(BIN / "switchdb"), *args, "--json"], env=self.env, capture_stdout=True, capture_stderr=True, check=False
-        )
-        assert result.returncode == 0, result.stderr.decode()
-        return json.loads(result.stdout)
+class Stack(procs.Stack):
+    """The benchmarks' stack, with what the tests also need: top-ups, balances, a switchdb restart."""
 
     async def account(self, tokens: int = 100_000, topup: int = 0) -> tuple[str, str]:
         """A fresh account with `tokens` credits and a key for it: (account_id, key)."""
