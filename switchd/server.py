@@ -23,6 +23,7 @@ from common.wire import MessageType
 from switchd.billing import Outbox
 from switchd.handshake import HTTP_STATUS, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
+from switchd.pump import Pump
 from switchd.session import CLEANUP_S, Session, Switch
 from switchd.ws import WsConnection, read_head
 from switchd.ws_codec import accept_response, check_upgrade_request, reject_response
@@ -138,9 +139,10 @@ async def serve(
     grace = settings.shutdown_grace
     async with open_db_client(settings.zmq_socket_path, settings.zmq_timeout_ms) as db:
         db.observe_rtt = metrics.observe_rtt
-        switch = Switch(settings, db, metrics, outbox, trio.Event(), {})
+        switch = Switch(settings, db, metrics, outbox, trio.Event(), Pump(metrics), {})
         async with trio.open_nursery() as services:
             await services.start(outbox.run, db)
+            await services.start(switch.pump.run)
             metrics_port = await services.start(serve_metrics, settings.host, settings.metrics_port, metrics, db)
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as listener:

@@ -25,15 +25,16 @@ from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
 from switchd.metering import AUDIO_DELTA_PREFIX, USAGE_TYPES, meter, upstream_event
-
-AUDIO_DELTA = AUDIO_DELTA_PREFIX.encode()
 from switchd.metrics import Metrics
+from switchd.pump import Lane, Pump
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
 from switchd.ws import Closed, ConnectError, WsConnection, connect
 from switchd.ws_codec import OP_BINARY, OP_TEXT, encode_frame
 
 log = logging.getLogger(__name__)
+
+AUDIO_DELTA = AUDIO_DELTA_PREFIX.encode()
 
 MAX_PENDING_FRAMES = 10_000
 CHECKPOINT_CHARS = 200
@@ -51,6 +52,7 @@ class Switch:
     metrics: Metrics
     outbox: Outbox
     shutdown: trio.Event
+    pump: Pump
     # The latest session of each session id, until its cleanup is done: a client that closed and
     # reconnects at once waits for its last conversation flush before its restore is loaded.
     sessions: dict[str, Session]
@@ -73,7 +75,8 @@ class Session:
         self.pending: deque[bytes] = deque()  # client frames (as masked bytes) waiting for an upstream
         self.log_extra = {"account": account_id, "session": params.session_id}
         self.done = trio.Event()  # set once cleanup has handed everything over
-        self.last_client_frame = trio.current_time()
+        # The client's plain frames go through the pump once there is an upstream to take them.
+        client.lane = Lane(switch.pump, None, switch.settings.max_payload_length, b"", inbound=True)
 
     async def run(self) -> None:
         code, reason, event = CLOSE_NORMAL, "", None
@@ -134,7 +137,7 @@ class Session:
 
     async def _watch_idle(self) -> None:
         idle = self.switch.settings.idle_timeout
-        while (deadline := self.last_client_frame + idle) > trio.current_time():
+        while (deadline := self.client.last_data_at + idle) > trio.current_time():
             await trio.sleep_until(deadline)
         raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
 
@@ -147,7 +150,6 @@ class Session:
             except Closed:
                 done.cancel()
                 return
-            self.last_client_frame = trio.current_time()
             if opcode == OP_BINARY:
                 await client.send_text(error_event(
                     ErrorCode.EXTERNAL_BINARY_FRAME,
@@ -193,9 +195,13 @@ class Session:
                         await up.send_raw(self.pending[0])
                         self.pending.popleft()
                     self.up = up
+                    if up.fd >= 0:  # plain TCP: the pump can write to it (not to TLS)
+                        up.lane = Lane(self.switch.pump, self.client, UPSTREAM_MAX_MESSAGE, AUDIO_DELTA, inbound=False)
+                        self.client.lane.dest = up
                     await self._read_upstream(up, reconnecting)
                 finally:
                     self.up = None
+                    self.client.lane.dest = None
                     with trio.CancelScope(shield=True):
                         await up.aclose(1000, "", wait=0)
             except Closed as exc:

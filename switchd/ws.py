@@ -3,6 +3,8 @@
 `receive()` returns a data message as (opcode, frame bytes, header size) so the relay can
 forward it untouched or read its payload; pings are answered here, a close is answered and
 raised as `Closed`. Writes from several tasks (relay, error events, pongs) take turns on a lock.
+A connection given a `Lane` lets the pump (switchd/pump.py) carry its plain frames while its
+reader waits for the next frame that is not plain.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from switchd.pump import Lane
 from switchd.ws_codec import (
     CONTROL,
     MAX_HEAD,
@@ -69,24 +72,37 @@ class WsConnection:
         self.max_message = max_message
         self.closed: Closed | None = None
         # Plain TCP (not TLS): read and write the socket's fd directly, the relay's fast path.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.lane: Lane | None = None  # set: the pump carries plain frames to lane.dest
+        self.last_data_at = trio.current_time()  # when the last data frame arrived
         self._data = bytes(buffer)  # received bytes; frames are slices of it (the whole of it, mostly)
         self._pos = 0
         self._drained = False  # the last read left nothing in the socket
+        self._lost = False  # the pump found the peer gone
         self._lock = trio.StrictFIFOLock()  # held while a frame is part-written
+        self._owed = b""  # the rest of a frame the pump part-wrote: it goes out before anything else
         self._close_sent = False
 
     async def _fill(self) -> None:
         """Read more bytes from the peer. Yields to the scheduler once, whether data was waiting or not."""
-        if self._fd < 0:
+        if self._lost:
+            raise Closed(1006, "connection lost")
+        lane = self.lane
+        if lane is not None and lane.dest is not None:
+            await lane.pump.carry(self)
+            self._drained = False  # the pump reads once per wake: more may be waiting
+            if lane.dest is not None and lane.dest._owed:
+                await lane.dest.send_raw(b"")  # the frame the pump could only part-write
+            return
+        if self.fd < 0:
             data = await self.stream.receive_some(RECEIVE_BYTES)
         elif self._drained:
             # The last read emptied the socket: trying again first would only cost an EAGAIN.
-            await trio.lowlevel.wait_readable(self._fd)
-            data = os.read(self._fd, RECEIVE_BYTES)
+            await trio.lowlevel.wait_readable(self.fd)
+            data = os.read(self.fd, RECEIVE_BYTES)
         else:
             try:
-                data = os.read(self._fd, RECEIVE_BYTES)
+                data = os.read(self.fd, RECEIVE_BYTES)
             except BlockingIOError:
                 self._drained = True
                 return await self._fill()
@@ -126,6 +142,7 @@ class WsConnection:
                     if header.opcode == OP_CONT:
                         raise ProtocolError(1002, "continuation without a message")
                     if header.fin:
+                        self.last_data_at = trio.current_time()
                         return header.opcode, frame, header.size
                     parts, first = [], header.opcode
                 elif header.opcode != OP_CONT:
@@ -137,6 +154,7 @@ class WsConnection:
                     # Rare (neither browsers nor the provider fragment): made whole as one frame,
                     # masked as its next hop expects.
                     whole = encode_frame(first, b"".join(parts), mask=self.server)
+                    self.last_data_at = trio.current_time()
                     return first, whole, len(whole) - sum(map(len, parts))
         except ProtocolError as exc:
             await self._send_close(exc.code, str(exc))
@@ -164,11 +182,11 @@ class WsConnection:
         if self._close_sent:
             raise self.closed or Closed(1006, "closing")
         try:
-            if self._fd >= 0 and not self._lock.locked():
+            if self.fd >= 0 and not self._lock.locked() and not self._owed:
                 # Fast path: the kernel takes the whole frame at once; no scheduling needed, since
                 # every receive yields.
                 try:
-                    sent = os.write(self._fd, frame)
+                    sent = os.write(self.fd, frame)
                 except BlockingIOError:
                     sent = 0
                 if sent == len(frame):
@@ -183,10 +201,76 @@ class WsConnection:
                     self._lock.release()
                 return
             async with self._lock:
-                await self.stream.send_all(frame)
+                if self._owed:
+                    owed, self._owed = self._owed, b""
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(owed)
+                if frame:
+                    await self.stream.send_all(frame)
         except _STREAM_ERRORS:
             self.closed = self.closed or Closed(1006, "connection lost")
             raise self.closed from None
+
+    def forward_plain(self, lane: Lane, now: float) -> tuple[bool, int, int]:
+        """The pump's step: read what the socket holds, write its complete plain frames on to lane.dest.
+
+        Returns (hand back to the reader?, frames forwarded, their payload bytes). Everything up to
+        the first frame that is not plain goes out in one write; that frame stays first in the
+        buffer. The checks are a subset of parse_header's: anything they do not pass is left for it.
+        """
+        try:
+            data = os.read(self.fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return False, 0, 0
+        except OSError:
+            data = b""
+        if not data:
+            self._lost = True
+            return True, 0, 0
+        buf = self._data[self._pos :] + data if self._pos < len(self._data) else data
+        end, pos, frames, size = len(buf), 0, 0, 0
+        dest = lane.dest
+        if dest is None or dest.fd < 0 or dest._owed or dest._close_sent or dest._lock.locked():
+            self._data, self._pos = buf, 0
+            return True, 0, 0
+        mask, limit, prefix = (4 if self.server else 0), lane.max_payload, lane.prefix
+        plain = True
+        while end - pos >= 2:
+            b1 = buf[pos + 1]
+            # FIN + text, no reserved bits, masked exactly when it must be.
+            if buf[pos] != 0x81 or (b1 >> 7) * 4 != mask:
+                plain = False
+                break
+            length, head = b1 & 0x7F, 2 + mask
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, head = (buf[pos + 2] << 8) | buf[pos + 3], 4 + mask
+            elif length == 127:  # 64 KiB and more: rare, the reader's
+                plain = False
+                break
+            stop = pos + head + length
+            if stop > end:
+                break
+            if length > limit or (prefix and not buf.startswith(prefix, pos + head, stop)):
+                plain = False
+                break
+            frames += 1
+            size += length
+            pos = stop
+        if pos:
+            chunk = buf if pos == end else buf[:pos]
+            try:
+                sent = os.write(dest.fd, chunk)
+            except OSError:  # full (EAGAIN) or gone: the reader sends these frames itself
+                sent, pos, frames, size, plain = 0, 0, 0, 0, False
+            if 0 < sent < pos:
+                dest._owed = chunk[sent:]
+                plain = False
+            if frames:
+                self.last_data_at = now
+        self._data, self._pos = (b"", 0) if pos == end else (buf, pos)
+        return not plain, frames, size
 
     async def send_text(self, text: str) -> None:
         await self.send_raw(encode_frame(OP_TEXT, text.encode(), mask=not self.server))
@@ -202,6 +286,7 @@ class WsConnection:
 
     async def aclose(self, code: int = 1000, reason: str = "", wait: float = 1.0) -> None:
         """The closing handshake: send our close, give the peer `wait` seconds to answer, drop TCP."""
+        self.lane = None  # what is still to come is the close handshake: the reader's own business
         await self._send_close(code, reason)
         if self.closed is None:
             with trio.move_on_after(wait):
@@ -211,6 +296,7 @@ class WsConnection:
                 except Closed:
                     pass
         self.closed = self.closed or Closed(code, reason)
+        self.fd = -1  # the number may be reused at once: nothing may write to it any more
         with trio.move_on_after(wait):
             await self.stream.aclose()
 

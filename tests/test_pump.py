@@ -1,0 +1,206 @@
+"""The pump: what it forwards of a connection's bytes, and how it hands a connection back.
+
+`forward_plain` is checked over real socket pairs against the codec's own parser (hypothesis:
+any mix of frames, any split into reads): the destination gets exactly the plain frames before
+the first one that is not plain, and nothing is lost or doubled. Then the pump task itself:
+handing back, part-written frames, a gone destination, cancellation.
+"""
+from __future__ import annotations
+
+import select
+import socket
+
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from switchd.metrics import Metrics
+from switchd.pump import Lane, Pump
+from switchd.ws import WsConnection
+from switchd.ws_codec import OP_BINARY, OP_CONT, OP_PING, OP_TEXT, encode_frame, parse_header
+
+MAX = 1 << 20
+LIMIT = 3000
+PREFIX = b'{"type":"response.output_audio.delta"'
+
+
+def conn(sock: socket.socket, *, server: bool) -> WsConnection:
+    return WsConnection(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), b"", server=server, max_message=MAX)
+
+
+def is_plain(frame: bytes, *, server: bool, prefix: bytes) -> bool:
+    header = parse_header(frame, 0, expect_masked=server, max_length=MAX)
+    assert header is not None
+    return (header.fin and header.opcode == OP_TEXT and header.length < 65536 and header.length <= LIMIT
+            and frame[header.size :].startswith(prefix))
+
+
+def drain(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        out += data
+
+
+payloads = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda tail: PREFIX + tail, st.binary(max_size=300)),
+    st.sampled_from([b"x" * 125, b"x" * 126, PREFIX + b"y" * 4000, b"z" * 70_000]),
+)
+frame_specs = st.tuples(st.sampled_from([OP_TEXT] * 6 + [OP_BINARY, OP_PING, OP_CONT]), payloads, st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(frame_specs, max_size=10), st.lists(st.integers(1, 5000), max_size=20), st.booleans())
+def test_forwards_exactly_the_plain_frames_before_the_first_that_is_not(
+    specs: list[tuple[int, bytes, bool]], cuts: list[int], server: bool
+) -> None:
+    frames = [encode_frame(op, p[:125] if op == OP_PING else p, mask=server, fin=fin or op == OP_PING)
+              for op, p, fin in specs]
+    prefix = b"" if server else PREFIX  # as switchd's lanes: any client text frame, the provider's audio
+    trio.run(_check_forwarding, frames, cuts, server, prefix)
+
+
+async def _check_forwarding(frames: list[bytes], cuts: list[int], server: bool, prefix: bytes) -> None:
+    feed, src_sock = socket.socketpair()
+    dest_sock, out = socket.socketpair()
+    out.setblocking(False)
+    pump = Pump(Metrics())
+    src, dest = conn(src_sock, server=server), conn(dest_sock, server=not server)
+    lane = Lane(pump, dest, LIMIT, prefix, inbound=True)
+    stream = b"".join(frames)
+    first_not_plain = next((i for i, f in enumerate(frames) if not is_plain(f, server=server, prefix=prefix)),
+                           len(frames))
+    pos, back, counted = 0, False, 0
+    for cut in [*cuts, len(stream)]:
+        chunk = stream[pos : pos + cut]
+        if not chunk or back:
+            break
+        feed.sendall(chunk)
+        pos += len(chunk)
+        while not back and select.select([src_sock], [], [], 0)[0]:  # one read a step, as per wake
+            back, n, _ = src.forward_plain(lane, 1.0)
+            counted += n
+    forwarded = drain(out)
+    kept = src._data[src._pos :]
+    src_sock.setblocking(False)
+    unread = drain(src_sock)
+    # Nothing lost or doubled: forwarded + kept in the buffer + still in the socket + not yet fed.
+    assert forwarded + kept + unread + stream[pos:] == stream
+    assert forwarded == b"".join(frames[:counted])
+    assert counted <= first_not_plain
+    if pos == len(stream):  # all of it was read: every plain frame went, the first other one stopped it
+        assert counted == first_not_plain
+        assert back == (first_not_plain < len(frames))
+    if counted:
+        assert src.last_data_at == 1.0
+    pump._epoll.close()
+    for s in (feed, out):
+        s.close()
+
+
+def payload_size(frame: bytes) -> int:
+    header = parse_header(frame, 0, expect_masked=True, max_length=MAX)
+    assert header is not None
+    return header.length
+
+
+def frames_of(n: int, size: int) -> list[bytes]:
+    return [encode_frame(OP_TEXT, (b"%06d" % i) + b"a" * size, mask=True) for i in range(n)]
+
+
+async def relay(src: WsConnection, dest: WsConnection, got: list[int], seen: trio.Event | None = None) -> None:
+    """What a session's reader does with the frames the pump hands back: send them on itself."""
+    while True:
+        opcode, frame, _ = await src.receive()
+        got.append(opcode)
+        await dest.send_raw(frame)
+        if seen is not None:
+            seen.set()
+
+
+async def read_all(out: socket.socket, n: int) -> bytes:
+    out.setblocking(False)
+    received = b""
+    while len(received) < n:
+        await trio.lowlevel.wait_readable(out)
+        received += drain(out)
+    return received
+
+
+async def test_reader_gets_the_first_frame_that_is_not_plain_and_order_holds() -> None:
+    """Plain frames via the pump, a binary one via the reader, then plain via the pump again."""
+    feed, src_sock = socket.socketpair()
+    dest_sock, out = socket.socketpair()
+    metrics = Metrics()
+    pump = Pump(metrics)
+    src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
+    src.lane = Lane(pump, dest, LIMIT, b"", inbound=True)
+    before, after = frames_of(50, 100), frames_of(50, 200)
+    odd = encode_frame(OP_BINARY, b"\x00\x01", mask=True)
+    got: list[int] = []
+    seen = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            nursery.start_soon(relay, src, dest, got, seen)
+            feed.sendall(b"".join(before) + odd)
+            await seen.wait()
+            feed.sendall(b"".join(after))  # the reader is back in the pump by now
+            received = await read_all(out, len(b"".join(before + [odd] + after)))
+            nursery.cancel_scope.cancel()
+    assert received == b"".join(before + [odd] + after)
+    assert got == [OP_BINARY]  # the reader saw only the frame that was not plain
+    assert metrics.frames_in == 100 and metrics.bytes_in == sum(payload_size(f) for f in before + after)
+    assert not pump._parked  # the cancelled reader left the pump's epoll
+
+
+async def test_part_written_frame_is_finished_before_anything_else() -> None:
+    """A destination that will not take it all: the rest is owed, and goes out before any other frame."""
+    feed, src_sock = socket.socketpair()
+    dest_sock, out = socket.socketpair()
+    dest_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pump = Pump(Metrics())
+    src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
+    src.lane = Lane(pump, dest, 60_000, b"", inbound=True)
+    frames = frames_of(40, 50_000)
+    wire = b"".join(frames)
+    ping = encode_frame(OP_PING, b"between", mask=False)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            nursery.start_soon(trio.SocketStream(trio.socket.from_stdlib_socket(feed)).send_all, wire)
+            nursery.start_soon(relay, src, dest, [])
+            # Nobody reads `out` yet: a write stops part-way, and the rest waits under the lock.
+            await trio.testing.wait_all_tasks_blocked()
+            assert dest._lock.locked()
+            nursery.start_soon(dest.send_raw, ping)  # another writer must wait for the rest
+            received = await read_all(out, len(wire) + len(ping))
+            nursery.cancel_scope.cancel()
+    # Every frame whole and in order, with the ping between two of them, never inside one.
+    at = received.find(ping)
+    assert at >= 0 and received[:at] + received[at + len(ping) :] == wire
+    assert at % len(frames[0]) == 0
+
+
+async def test_gone_destination_leaves_the_frames_to_the_reader() -> None:
+    feed, src_sock = socket.socketpair()
+    dest_sock, out = socket.socketpair()
+    pump = Pump(Metrics())
+    src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
+    lane = Lane(pump, dest, LIMIT, b"", inbound=True)
+    out.close()  # the peer is gone: the write fails (EPIPE)
+    frames = frames_of(3, 10)
+    feed.sendall(b"".join(frames))
+    assert src.forward_plain(lane, 0.0) == (True, 0, 0)
+    for f in frames:  # all still there, for the session to buffer while it reconnects
+        opcode, frame, _ = await src.receive()
+        assert frame == f
+    lane.dest = None
+    feed.close()
+    assert src.forward_plain(lane, 0.0) == (True, 0, 0)
+    pump._epoll.close()
