@@ -45,13 +45,13 @@ class Pump:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._epoll = select.epoll()
-        self._parked: dict[int, tuple[WsConnection, trio.lowlevel.Task]] = {}
+        self._parked: dict[int, tuple[WsConnection, Lane, trio.lowlevel.Task]] = {}
 
-    async def carry(self, conn: WsConnection) -> None:
+    async def carry(self, conn: WsConnection, lane: Lane) -> None:
         """Park `conn`'s reader while the pump forwards its plain frames; back when one is not."""
         fd = conn.fd
         self._epoll.register(fd, select.EPOLLIN)
-        self._parked[fd] = (conn, trio.lowlevel.current_task())
+        self._parked[fd] = (conn, lane, trio.lowlevel.current_task())
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._release(fd)
@@ -82,8 +82,7 @@ class Pump:
     def _serve(self, events: list[tuple[int, int]], now: float) -> None:
         metrics, parked = self.metrics, self._parked
         for fd, _ in events:
-            conn, task = parked[fd]
-            lane = conn.lane
+            conn, lane, task = parked[fd]
             try:
                 back, frames, size = conn.forward_plain(lane, now)
             except Exception as exc:  # a bug ends that session, not the pump

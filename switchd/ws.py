@@ -89,7 +89,7 @@ class WsConnection:
             raise Closed(1006, "connection lost")
         lane = self.lane
         if lane is not None and lane.dest is not None:
-            await lane.pump.carry(self)
+            await lane.pump.carry(self, lane)
             self._drained = False  # the pump reads once per wake: more may be waiting
             if lane.dest is not None and lane.dest._owed:
                 await lane.dest.send_raw(b"")  # the frame the pump could only part-write
