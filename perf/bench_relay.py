@@ -261,19 +261,25 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
 
 
 async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
-    """(e) switchd side by side with a bare Trio TCP proxy in the same place: what switchd's own work adds."""
+    """(e) switchd side by side with bare TCP proxies in the same place: a Trio one (what any Trio
+    relay costs) and a blocking one with a thread per direction (what the machine's wake-ups alone cost)."""
     n = plan.floor_sessions
     closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
               "--samples", *PLAIN_PEER]
     realtime = ["--sessions", str(n), "--duration", str(plan.duration), "--warmup", str(plan.warmup),
                 "--rate", "50", "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
     port = env.peer.getsockname()[1]
-    async with procs.daemon([sys.executable, "-m", "perf.floor", "--target-port", str(port)],
-                            procs.base_env(), tmp / "floor.log", cwd=tmp) as proxy:
-        via_floor = ["--url", f"{proxy.address}/v1/realtime", "--key", "floor", "--session-prefix", "floor"]
-        runs: dict[str, dict[str, Any]] = {}
-        for name, via, watch in (("floor", via_floor, ["--watch", f"floor={proxy.pid}"]),
-                                 ("switchd", env.through("efloor"), _watch(env))):
+    runs: dict[str, dict[str, Any]] = {}
+    async with AsyncExitStack() as proxies:
+        relays = []
+        for name, flags in (("floor", []), ("threads", ["--threads"])):
+            proxy = await proxies.enter_async_context(procs.daemon(
+                [sys.executable, "-m", "perf.floor", "--target-port", str(port), *flags],
+                procs.base_env(), tmp / f"{name}.log", cwd=tmp))
+            relays.append((name, ["--url", f"{proxy.address}/v1/realtime", "--key", name, "--session-prefix", name],
+                           ["--watch", f"{name}={proxy.pid}"]))
+        relays.append(("switchd", env.through("efloor"), _watch(env)))
+        for name, via, watch in relays:
             c = await engine(env, *via, *closed)
             await quiesce(env.switchd)
             r = await engine(env, *via, *realtime, *watch)
@@ -287,11 +293,14 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
                 "cpu_pct_of_core": cpu.get("pct_of_one_core"),
                 "us_per_relayed_message": _per_message(cpu, "cpu_s", relayed),
             }
-    f, w = runs["floor"], runs["switchd"]
-    return {"sessions": n, "floor": f, "switchd": w,
+    f, t, w = runs["floor"], runs["threads"], runs["switchd"]
+    return {"sessions": n, "floor": f, "threads": t, "switchd": w,
             "ratio_closed_p50": ratio(w["closed_p50_ms"], f["closed_p50_ms"]),
             "ratio_us_per_message": ratio(w["us_per_relayed_message"] or float("nan"),
-                                          f["us_per_relayed_message"] or float("nan"))}
+                                          f["us_per_relayed_message"] or float("nan")),
+            "ratio_closed_p50_vs_threads": ratio(w["closed_p50_ms"], t["closed_p50_ms"]),
+            "ratio_us_per_message_vs_threads": ratio(w["us_per_relayed_message"] or float("nan"),
+                                                     t["us_per_relayed_message"] or float("nan"))}
 
 
 async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
@@ -379,15 +388,18 @@ def _print(r: dict[str, Any]) -> None:
     emit(f"Relay (d): capacity = {cap['sessions']} realtime sessions per switchd process ({why}; "
          f"{cap['criterion']}; {len(cap['search_steps'])} bisection step(s))")
     fl = r["floor"]
-    emit(table(f"Relay (e): switchd vs a bare Trio TCP proxy (perf.floor) in the same place — {fl['sessions']} realtime "
+    emit(table(f"Relay (e): switchd vs bare TCP proxies (perf.floor) in the same place — {fl['sessions']} realtime "
                "sessions, and a closed loop of 1 KB frames",
                ["relay", "closed p50 ms", "realtime p50 ms", "realtime p99 ms", "lost", "CPU % of a core", "µs/msg"],
                [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p50"),
                  (x["realtime_latency_ms"] or {}).get("p99"), x["lost"], x["cpu_pct_of_core"],
                  x["us_per_relayed_message"]] for name, x in (("bare Trio proxy", fl["floor"]),
+                                                               ("blocking threads proxy", fl["threads"]),
                                                                ("switchd", fl["switchd"]))], digits=3))
-    emit(f"switchd / floor: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
-         f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}")
+    emit(f"switchd / bare Trio proxy: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
+         f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}; switchd / blocking threads proxy: "
+         f"closed-loop p50 ×{fl['ratio_closed_p50_vs_threads'] or float('nan'):.2f}, "
+         f"CPU per message ×{fl['ratio_us_per_message_vs_threads'] or float('nan'):.2f}")
 
 
 def run(mode: str) -> tuple[dict[str, Any], list[str]]:

@@ -110,7 +110,8 @@ async def _respond(stream: trio.SocketStream, data: bytes, close: bool = True) -
 async def _reject(stream: trio.SocketStream, target: str, exc: SwitchError, metrics: Metrics) -> None:
     metrics.sessions_rejected += 1
     status = HTTP_STATUS.get(exc.code, 500)
-    log.info("handshake rejected %d %s for %s", status, exc.code, redact(target))
+    if log.isEnabledFor(logging.INFO):  # a storm of rejections must not pay for lines nobody logs
+        log.info("handshake rejected %d %s for %s", status, exc.code, redact(target))
     await _respond(stream, reject_response(status, exc.code.value))
 
 
