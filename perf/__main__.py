@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perf import bench_connect, bench_metering, bench_relay, bench_switchdb, bench_usage, targets
+from perf import bench_connect, bench_metering, bench_overload, bench_relay, bench_switchdb, bench_usage, targets
 from perf.report import DEFAULT_RESULTS, emit, envelope, write_json
 
 Bench = Callable[[str], tuple[dict[str, Any], list[str]]]
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Bench] = {
     "switchdb": bench_switchdb.run,
     "connect": bench_connect.run,
     "relay": bench_relay.run,
+    "overload": bench_overload.run,  # MAX_SESSIONS reached: a storm of new sessions vs the held ones
 }
 
 

@@ -80,6 +80,30 @@ def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
     return v, f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs)"
 
 
+def _overload(r: dict[str, Any]) -> tuple[float | None, str]:
+    """1 when graceful (bench_overload's criterion, at its reference storm rate), else 0; the figures in the text."""
+    ref = r["storms"][0]
+    st = ref["storm"]["storm"]
+    if st is None:
+        return None, "the storm did not run"
+    lb, ls = ref["baseline"]["latency_ms"], ref["storm"]["latency_ms"]
+    shown = (f"{ref['rate']:g}/s: {st['over_capacity_503']:,}/{st['attempts']:,} got 503 (p99 "
+             f"{fmt((st['rejection_ms'] or {}).get('p99'))} ms); held p99 {fmt(lb.get('p99'))} → "
+             f"{fmt(ls.get('p99'))} ms, {ref['storm']['lost']} lost, {ref['storm']['dropped']} dropped")
+    shown += "".join(f"; {s['rate']:g}/s: held p99 {s['added_ms']['p99']:+.1f} ms" for s in r["storms"][1:])
+    failed = [k for k, ok in ref["checks"].items() if not ok]
+    if failed:
+        shown += f" — failed: {', '.join(failed)}"
+    return (1.0 if r["graceful"] else 0.0), shown
+
+
+def _switchdb_stall(r: dict[str, Any]) -> tuple[float | None, str]:
+    """The PING percentile during the 8-client flood (bench_switchdb says why not the max), read beside idle."""
+    q = f"p{r['stall_percentile']:g}"
+    return r["stall_ms"], (f"{q} {fmt(r['stall_ms'], 2)} ms (idle {fmt(r['idle_stall_ms'], 2)}); "
+                           f"max {fmt(r['worst_stall_ms'], 2)} (idle {fmt(r['ping_idle_ms']['max'], 2)})")
+
+
 TARGETS: list[Target] = [
     Target("realtime sessions per switchd process (p99 added ≤ 5 ms, p99.9 ≤ 20 ms, 0 lost)", "≥ 150", "relay",
            _capacity,
@@ -90,6 +114,8 @@ TARGETS: list[Target] = [
     Target("switchd CPU per relayed audio message", "≤ 20 µs", "relay", _cpu_per_msg, lambda v: v <= 20),
     Target("added median RTT over direct (1 session, closed loop, 1 KB)", "≤ 100 µs", "relay", _added_rtt,
            lambda v: v <= 100),
+    Target("overload graceful: new sessions past MAX_SESSIONS vs the held ones", "all 503, held p99 +≤ 5 ms",
+           "overload", _overload, lambda v: v == 1),
     Target("metering cost on an audio frame", "≤ 1 µs", "metering",
            lambda r: (r["audio_delta_production_us"], f"{fmt(r['audio_delta_production_us'], 3)} µs"),
            lambda v: v <= 1),
@@ -100,8 +126,8 @@ TARGETS: list[Target] = [
            lambda v: v <= 2),
     Target("switchdb RECORD_USAGE throughput", "≥ 20,000/s", "switchdb",
            lambda r: (r["record_usage_per_s_max"], f"{fmt(r['record_usage_per_s_max'])}/s"), lambda v: v >= 20_000),
-    Target("switchdb event-loop stall during writes (client-observed PING max)", "≤ 5 ms", "switchdb",
-           lambda r: (r["worst_stall_ms"], f"{fmt(r['worst_stall_ms'], 2)} ms"), lambda v: v <= 5),
+    Target("switchdb event-loop stall during writes (client-observed PING p99.9)", "≤ 5 ms", "switchdb",
+           _switchdb_stall, lambda v: v <= 5),
 ]
 
 

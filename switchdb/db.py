@@ -46,7 +46,8 @@ def open_database(path: str, key: str | None) -> Connection:
     try:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlcipher3.connect(path, check_same_thread=False, isolation_level=None)
+        # cached_statements: room for every size of usage insert (usage.INSERT_ROWS) besides the rest.
+        conn = sqlcipher3.connect(path, check_same_thread=False, isolation_level=None, cached_statements=256)
         # SQLCipher otherwise writes its own HMAC failure lines straight to stderr.
         conn.execute("PRAGMA cipher_log_level = NONE")
     except (OSError, sqlcipher3.Error) as exc:

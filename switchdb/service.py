@@ -1,8 +1,9 @@
 """What switchdb does with each request, over the three stores; no sockets here.
 
-`handle_batch` runs many requests in one transaction inside the database worker thread: each
+`run_batch` runs many requests in one transaction inside the database worker thread: each
 in a savepoint of its own, except runs of usage batches, recorded together (one code path for
-usage: `usage.record_batches`). `handle_reads` answers read-only requests on a second, reading
+usage: `usage.record_rows`); `read_record` turns a RECORD_USAGE's frames into its row on the
+event loop. `handle_reads` answers read-only requests on a second, reading
 connection. `run_summariser` is the background task that shortens long conversations.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import trio
 
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
-from common.wire import OK, MessageType, Request
+from common.wire import MAX_MESSAGE_BYTES, OK, MessageType, Request, decode_request
 from switchdb import accounts, sessions, summarise, usage
 from switchdb.db import Connection, savepoint, transaction
 from switchdb.worker import Database
@@ -97,14 +98,50 @@ def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:
         accounts.mark_keys_used(conn, key_hashes, now)
 
 
-def read_usage(request: Request) -> usage.Batch:
-    """A RECORD_USAGE's arguments, its usage_json read strictly; raises INTERNAL_BAD_USAGE.
+def read_row(
+    batch_id: str, account_id: str, session_id: str, provider: str, model: str, usage_json: str
+) -> usage.Row:
+    """A RECORD_USAGE's arguments as its usage row, usage_json read strictly; raises INTERNAL_BAD_USAGE.
 
-    Pure (no database): the server calls it on the event loop as requests arrive, so the
-    worker thread gets ready batches and holds the GIL as little as possible.
+    Pure (no database): the server reads usage on the event loop as requests arrive, so the
+    worker thread gets ready rows and holds the GIL as little as possible.
     """
-    batch_id, account_id, session_id, provider, model, usage_json = request.args
-    return usage.Batch(batch_id, account_id, session_id, provider, model, UsageTotals.from_json(usage_json))
+    row = usage.canonical_row(batch_id, account_id, session_id, provider, model, usage_json)
+    if row is not None:
+        return row
+    try:
+        totals = UsageTotals.from_json(usage_json)
+    except OverflowError:  # transcription_seconds as an integer beyond any float
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds is out of range") from None
+    return usage.usage_row(batch_id, account_id, session_id, provider, model, totals)
+
+
+def read_usage(request: Request) -> usage.Row:
+    """`read_row` of a decoded RECORD_USAGE."""
+    return read_row(*request.args)
+
+
+_RECORD_USAGE = MessageType.RECORD_USAGE.value.encode()
+
+
+def read_record(frames: Sequence[bytes]) -> usage.Row:
+    """`read_usage(decode_request(frames))` for a RECORD_USAGE's frames (request id, type, 6 arguments).
+
+    The same row and the same refusals, without the Request in between: this is the reader's
+    path for every usage batch.
+    """
+    try:
+        if len(frames) != 8 or frames[1] != _RECORD_USAGE or sum(map(len, frames)) > MAX_MESSAGE_BYTES:
+            raise ValueError
+        frames[0].decode()  # the id goes back as its bytes, but must be text like every frame
+        args = (frames[2].decode(), frames[3].decode(), frames[4].decode(), frames[5].decode(), frames[6].decode(),
+                frames[7].decode())
+    except (ValueError, AttributeError):  # wrong shape, not UTF-8, or buffers: decode_request says which
+        request = decode_request(frames)
+        if request.type is not MessageType.RECORD_USAGE:
+            raise ValueError(f"{request.type} is not RECORD_USAGE") from None
+        return read_usage(request)
+    return read_row(*args)
 
 
 def handle(conn: Connection, request: Request, now: str) -> Outcome:
@@ -116,11 +153,10 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
         case MessageType.GET_CREDITS:
             return Outcome(OK, (str(usage.get_credits(conn, args[0])),))
         case MessageType.RECORD_USAGE:
-            batch = read_usage(request)
-            credits = usage.record_usage(
-                conn, batch.batch_id, batch.account_id, batch.session_id, batch.provider, batch.model, batch.totals, now
-            )
-            return Outcome(OK, (str(credits),))
+            (result,) = usage.record_rows(conn, [read_usage(request)], now)
+            if isinstance(result, SwitchError):
+                raise result
+            return Outcome(OK, (str(result),))
         case MessageType.SAVE_SESSION:
             accounts.require_account(conn, args[0])
             sessions.save_session(conn, args[0], args[1], args[2], now)
@@ -146,53 +182,87 @@ def _handle_one(conn: Connection, request: Request, now: str) -> Outcome:
         return Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
 
 
-def _record(conn: Connection, run: list[tuple[int, usage.Batch]], outcomes: list[Outcome], now: str) -> None:
-    """Consecutive usage batches in one savepoint; if that fails, each again alone, to isolate the failure."""
+# What became of each request of a batch: an Outcome, or for a recorded usage row simply the
+# balance after it (an int, the one field of its OK reply: nothing to build per row).
+Result = Outcome | int
+
+
+def _usage_result(recorded: int | SwitchError) -> Result:
+    if isinstance(recorded, SwitchError):
+        return Outcome(recorded.code, message=recorded.message)
+    return recorded
+
+
+def _record(conn: Connection, run: list[tuple[int, usage.Row]], results: list[Result], now: str) -> None:
+    """Consecutive usage rows in one savepoint; if that fails, each again alone, to isolate the failure."""
     try:
         with savepoint(conn):
-            results = usage.record_batches(conn, [batch for _, batch in run], now)
+            recorded = usage.record_rows(conn, [row for _, row in run], now)
     except Exception:
         if len(run) > 1:
             for item in run:
-                _record(conn, [item], outcomes, now)
+                _record(conn, [item], results, now)
             return
         log.exception("%s failed", MessageType.RECORD_USAGE)
-        outcomes[run[0][0]] = Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
+        results[run[0][0]] = Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
         return
-    for (i, _), result in zip(run, results):
-        if type(result) is int:
-            outcomes[i] = Outcome(OK, (str(result),))
-        else:
-            outcomes[i] = Outcome(result.code, message=result.message)  # type: ignore[union-attr]
+    for (i, _), result in zip(run, recorded):
+        results[i] = _usage_result(result)
 
 
-def handle_batch(conn: Connection, requests: Sequence[Request | usage.Batch], now: str) -> list[Outcome]:
+def run_batch(conn: Connection, requests: Sequence[Request | usage.Row], now: str) -> list[Result]:
     """All requests in one transaction, in order; a refusal undoes only itself.
 
-    RECORD_USAGE may come already read (`read_usage`) as a `usage.Batch`. Consecutive usage
-    batches are recorded together by `usage.record_batches` (a fixed number of statements
-    however many there are); any other request runs alone in its own savepoint.
+    RECORD_USAGE may come already read (`read_record`, `read_usage`) as a `usage.Row`; its
+    result is then the balance after it. Consecutive usage rows are recorded together by
+    `usage.record_rows` (a fixed number of statements however many there are); any other
+    request runs alone in its own savepoint. A batch of usage rows only (what a flood brings)
+    needs no savepoint at all.
     """
-    outcomes: list[Outcome] = [_NO_OUTCOME] * len(requests)
-    run: list[tuple[int, usage.Batch]] = []
+    if all(type(request) is tuple for request in requests):
+        # Only usage rows, the shape of a flood: no savepoint (two statements fewer, each a GIL
+        # hand-off). Should anything fail, the transaction is undone and the general way below
+        # finds which row it was.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            recorded = usage.record_rows(conn, requests, now)  # type: ignore[arg-type]
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("a batch of %d usage rows failed; recording them one by one", len(requests))
+        else:
+            conn.execute("COMMIT")  # a failure here is the caller's, as for any batch
+            return [_usage_result(result) for result in recorded]
+    results: list[Result] = [_NO_OUTCOME] * len(requests)
+    run: list[tuple[int, usage.Row]] = []
     with transaction(conn):
         for i, request in enumerate(requests):
             if type(request) is Request:
                 if request.type is not MessageType.RECORD_USAGE:
                     if run:
-                        _record(conn, run, outcomes, now)
+                        _record(conn, run, results, now)
                         run = []
-                    outcomes[i] = _handle_one(conn, request, now)
+                    results[i] = _handle_one(conn, request, now)
                     continue
                 try:
                     request = read_usage(request)
                 except SwitchError as exc:
-                    outcomes[i] = Outcome(exc.code, message=exc.message)
+                    results[i] = Outcome(exc.code, message=exc.message)
                     continue
             run.append((i, request))  # type: ignore[arg-type]
         if run:
-            _record(conn, run, outcomes, now)
-    return outcomes
+            _record(conn, run, results, now)
+    return results
+
+
+def as_outcome(result: Result) -> Outcome:
+    return Outcome(OK, (str(result),)) if type(result) is int else result  # type: ignore[return-value]
+
+
+def handle_batch(conn: Connection, requests: Sequence[Request | usage.Row], now: str) -> list[Outcome]:
+    """`run_batch`, every result as an Outcome."""
+    return [as_outcome(result) for result in run_batch(conn, requests, now)]
 
 
 def _replace_head(conn: Connection, account_id: str, session_id: str, head: str, replacement: str) -> bool:

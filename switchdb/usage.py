@@ -6,11 +6,13 @@ by switchd at zero, but what was already spent is still billed).
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import NamedTuple
 
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
@@ -94,16 +96,11 @@ def get_credits(conn: Connection, account_id: str) -> int:
     return int(row[0])
 
 
-class Batch(NamedTuple):
-    """One RECORD_USAGE, its usage already read (`UsageTotals.from_json`); a tuple, cheap to make."""
-
-    batch_id: str
-    account_id: str
-    session_id: str
-    provider: str
-    model: str
-    totals: UsageTotals
-
+# One RECORD_USAGE as its usage_metrics row, without created_at (bound once per statement): the
+# columns of _COLUMNS in order. A plain tuple: the reader makes one per request, tens of thousands
+# a second, and the insert binds it as it is.
+Row = tuple[str, str, str, str, str, int, int, int, int, int, int, int, int, int, float, int, int]
+BATCH_ID, ACCOUNT_ID, TOKENS = 0, 1, 16
 
 # SQLite integers are 64-bit; a larger count could not be stored (nor deducted) exactly.
 MAX_COUNT = 2**63 - 1
@@ -113,101 +110,174 @@ _COLUMNS = (
     " input_text, input_audio, input_image, input_cached, output_text, output_audio, transcription_seconds,"
     " reports, total_tokens, created_at"
 )
-_ROW = "(" + ", ".join(["?"] * 18) + ")"
-# Rows are inserted by multi-row statements of these sizes (a batch of n rows takes n // 64
-# statements of 64 rows and one per bit of the rest), so a handful of prepared statements
-# serve every batch size. Each statement binds its rows in one C call and runs in one SQLite
-# step without the GIL: executemany would take the GIL back for every row, and wait for it
-# while the event loop holds it.
-_INSERT_SIZES = (64, 32, 16, 8, 4, 2, 1)
-_INSERTS = {n: f"INSERT INTO usage_metrics ({_COLUMNS}) VALUES " + ", ".join([_ROW] * n) for n in _INSERT_SIZES}
+_ROW_WIDTH = 17  # parameters per row; created_at is ?1, shared by every row of a statement
+
+
+def _values(rows: int) -> str:
+    return ", ".join(
+        "(" + ", ".join(f"?{2 + r * _ROW_WIDTH + c}" for c in range(_ROW_WIDTH)) + ", ?1)" for r in range(rows)
+    )
+
+
+# Rows are inserted by multi-row statements of at most INSERT_ROWS rows (the last one of a batch
+# has exactly the rows left; at most INSERT_ROWS statements to prepare, all cached). Each binds
+# its rows in one C call and runs in one SQLite step without the GIL: executemany would take the
+# GIL back for every row, and each time wait for the event loop to let go of it. Bigger
+# statements would hold the GIL longer while binding (about 3 µs a row).
+INSERT_ROWS = 64
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    return f"INSERT INTO usage_metrics ({_COLUMNS}) VALUES {_values(rows)}"
+
+
 # SQLite evaluates every SET expression on the old row: both use the top-up before this deduction.
 _DEDUCT = (
     "UPDATE accounts SET topup_remaining = topup_remaining - min(max(topup_remaining, 0), :tokens),"
     " token_remaining = token_remaining - (:tokens - min(max(topup_remaining, 0), :tokens)),"
     " updated_at = :now WHERE id = :account RETURNING token_remaining + topup_remaining"
 )
-# One statement (so one cached prepared statement) for any number of ids: a JSON array parameter.
-_BALANCES = "SELECT id, token_remaining + topup_remaining FROM accounts WHERE id IN (SELECT value FROM json_each(?))"
-_ONE_BALANCE = "SELECT id, token_remaining + topup_remaining FROM accounts WHERE id = ?"
-_SEEN = "SELECT batch_id FROM usage_metrics WHERE batch_id IN (SELECT value FROM json_each(?))"
-_ONE_SEEN = "SELECT batch_id FROM usage_metrics WHERE batch_id = ?"
+# The balances of the accounts named and the batch ids already stored, in one statement (each
+# statement run is a GIL hand-off between the worker thread and the event loop) with one cached
+# prepared statement for any number of ids: JSON array parameters.
+_LOOKUP = (
+    "SELECT id, token_remaining + topup_remaining FROM accounts WHERE id IN (SELECT value FROM json_each(?1))"
+    " UNION ALL SELECT batch_id, NULL FROM usage_metrics WHERE batch_id IN (SELECT value FROM json_each(?2))"
+)
 
 
-def record_batches(conn: Connection, batches: Sequence[Batch], now: str) -> list[int | SwitchError]:
+# switchd always writes usage_json in one layout (`UsageTotals.to_json`). A text in exactly that
+# layout is read by this one regex, about twice as fast as building its JSON objects; any other
+# text goes through `UsageTotals.from_json`. What the regex takes, from_json takes with the same
+# values: valid JSON, every key once, counts of at most 18 digits (so within 64 bits, and their
+# sum too) and finite seconds in JSON's number syntax.
+_COUNT = r"(0|[1-9][0-9]{0,17})"
+_SECONDS = r"((?:0|[1-9][0-9]{0,16})(?:\.[0-9]{1,17})?(?:[eE][-+]?[0-9]{1,3})?)"
+_CANONICAL = re.compile(
+    r'\{"input_tokens":' + _COUNT + r',"output_tokens":' + _COUNT + r',"total_tokens":' + _COUNT
+    + r',"input_token_details":\{"text_tokens":' + _COUNT + r',"audio_tokens":' + _COUNT
+    + r',"image_tokens":' + _COUNT + r',"cached_tokens":' + _COUNT
+    + r'\},"output_token_details":\{"text_tokens":' + _COUNT + r',"audio_tokens":' + _COUNT
+    + r'\},"transcription_tokens":' + _COUNT + r',"transcription_seconds":' + _SECONDS
+    + r',"reports":' + _COUNT + r"\}"
+).fullmatch
+
+
+def canonical_row(
+    batch_id: str, account_id: str, session_id: str, provider: str, model: str, usage_json: str
+) -> Row | None:
+    """The row of a batch whose usage_json is in switchd's own layout; None for any other text.
+
+    For such a text, the same row as `usage_row(..., UsageTotals.from_json(usage_json))`.
+    """
+    match = _CANONICAL(usage_json)
+    if match is None:
+        return None
+    groups = match.groups()
+    transcription_seconds = float(groups[10])
+    if transcription_seconds == math.inf:  # 1e999: from_json refuses it
+        return None
+    inp, out, _, in_text, in_audio, in_image, in_cached, out_text, out_audio, transcription, reports = map(
+        int, groups[:10] + groups[11:]
+    )
+    return (
+        batch_id, account_id, session_id, provider, model, inp, out, transcription, in_text, in_audio, in_image,
+        in_cached, out_text, out_audio, transcription_seconds, reports, inp + out + transcription,
+    )
+
+
+def usage_row(batch_id: str, account_id: str, session_id: str, provider: str, model: str, t: UsageTotals) -> Row:
+    """The row a batch is stored as; raises INTERNAL_BAD_USAGE for a count SQLite cannot hold."""
+    tokens = t.input_tokens + t.output_tokens + t.transcription_tokens
+    # Counts are never negative, so their bitwise or is beyond 64 bits exactly when one is.
+    if (tokens | t.input_text | t.input_audio | t.input_image | t.input_cached | t.output_text | t.output_audio
+            | t.reports) > MAX_COUNT:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage count beyond 64 bits")
+    return (
+        batch_id, account_id, session_id, provider, model, t.input_tokens, t.output_tokens, t.transcription_tokens,
+        t.input_text, t.input_audio, t.input_image, t.input_cached, t.output_text, t.output_audio,
+        t.transcription_seconds, t.reports, tokens,
+    )
+
+
+def _plan(
+    rows: Sequence[Row], balances: dict[str, int], seen: set[str]
+) -> tuple[list[int | SwitchError], list[Row], dict[str, int]]:
+    """(per row: the balance after it or its refusal; the rows to insert; the tokens to deduct per account).
+
+    `balances` holds the known accounts' balances before `rows`, `seen` the batch ids already
+    stored (it gets the new ones added).
+    """
+    results: list[int | SwitchError] = []
+    new: list[Row] = []
+    spent: dict[str, int] = {}
+    for row in rows:
+        account_id = row[ACCOUNT_ID]
+        balance = balances.get(account_id)
+        if balance is None:
+            results.append(SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}"))
+        elif row[BATCH_ID] in seen:  # a retry of a batch already counted
+            results.append(balance - spent.get(account_id, 0))
+        else:
+            seen.add(row[BATCH_ID])
+            new.append(row)
+            total = spent[account_id] = spent.get(account_id, 0) + row[TOKENS]
+            results.append(balance - total)
+    return results, new, spent
+
+
+def _all_new(
+    rows: Sequence[Row], balances: dict[str, int]
+) -> tuple[list[int | SwitchError], list[Row], dict[str, int]]:
+    """`_plan` when every account is known and every batch id new and distinct (a flood's batches):
+    a third of the Python per row, which the worker thread runs holding the GIL."""
+    after: dict[str, int] = {}
+    results: list[int | SwitchError] = []
+    for row in rows:
+        account_id = row[ACCOUNT_ID]
+        balance = after[account_id] = after.get(account_id, balances[account_id]) - row[TOKENS]
+        results.append(balance)
+    return results, list(rows), {account_id: balances[account_id] - left for account_id, left in after.items()}
+
+
+def record_rows(conn: Connection, rows: Sequence[Row], now: str) -> list[int | SwitchError]:
     """Store each batch and deduct its tokens, once per batch_id, as if one after the other.
 
-    Returns, per batch, the account's balance right after it (a batch id seen before, even
-    earlier in `batches`, deducts nothing and gets the balance at its turn), or the SwitchError
-    refusing it (unknown account, a count beyond 64 bits), which stores nothing.
+    Returns, per row, the account's balance right after it (a batch id seen before, even
+    earlier in `rows`, deducts nothing and gets the balance at its turn), or the SwitchError
+    refusing it (unknown account), which stores nothing.
 
     Runs inside the caller's transaction (the rows and the deductions stand or fall together)
     with a fixed number of statements: the balances and the batch ids already stored are read
     first, the new rows are inserted in one go, and each account is updated once by the sum of
     its new batches. Taking top-up first is additive, so deducting a sum leaves exactly what
     deducting each batch in turn would, and each batch lowers the balance by exactly its tokens.
+    The Python part is one short loop per row: it holds the GIL the event loop needs.
     """
-    if len(batches) == 1:  # the common unit of work at low load: plain equality lookups
-        balances = dict(conn.execute(_ONE_BALANCE, (batches[0].account_id,)).fetchall())
-        seen = {row[0] for row in conn.execute(_ONE_SEEN, (batches[0].batch_id,))}
-    else:
-        balances = dict(conn.execute(_BALANCES, (json.dumps(list({b.account_id for b in batches})),)).fetchall())
-        seen = {row[0] for row in conn.execute(_SEEN, (json.dumps([b.batch_id for b in batches]),))}
-    results: list[int | SwitchError] = []
-    rows: list[tuple[object, ...]] = []
-    spent: dict[str, int] = {}
-    for batch_id, account_id, session_id, provider, model, t in batches:
-        balance = balances.get(account_id)
+    balances: dict[str, int] = {}
+    seen: set[str] = set()
+    accounts = list({row[ACCOUNT_ID] for row in rows})
+    batch_ids = [row[BATCH_ID] for row in rows]
+    for key, balance in conn.execute(_LOOKUP, (json.dumps(accounts), json.dumps(batch_ids))).fetchall():
         if balance is None:
-            results.append(SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}"))
-            continue
-        if batch_id in seen:  # a retry of a batch already counted
-            results.append(balance - spent.get(account_id, 0))
-            continue
-        tokens = t.input_tokens + t.output_tokens + t.transcription_tokens
-        # Counts are never negative, so their bitwise or is beyond 64 bits exactly when one is.
-        if (tokens | t.input_text | t.input_audio | t.input_image | t.input_cached | t.output_text | t.output_audio
-                | t.reports) > MAX_COUNT:
-            results.append(SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage count beyond 64 bits"))
-            continue
-        seen.add(batch_id)
-        rows.append((
-            batch_id, account_id, session_id, provider, model, t.input_tokens, t.output_tokens,
-            t.transcription_tokens, t.input_text, t.input_audio, t.input_image, t.input_cached, t.output_text,
-            t.output_audio, t.transcription_seconds, t.reports, tokens, now,
-        ))
-        total = spent[account_id] = spent.get(account_id, 0) + tokens
-        results.append(balance - total)
-    start = 0
-    for size in _INSERT_SIZES:
-        while len(rows) - start >= size:
-            conn.execute(_INSERTS[size], list(chain.from_iterable(rows[start : start + size])))
-            start += size
+            seen.add(key)
+        else:
+            balances[key] = balance
+    if not seen and len(balances) == len(accounts) and len(set(batch_ids)) == len(batch_ids):
+        results, new, spent = _all_new(rows, balances)
+    else:
+        results, new, spent = _plan(rows, balances, seen)
+    for start in range(0, len(new), INSERT_ROWS):
+        chunk = new[start : start + INSERT_ROWS]
+        params: list[object] = [now]
+        params += chain.from_iterable(chunk)
+        conn.execute(_insert(len(chunk)), params)
     for account_id, tokens in spent.items():
         (after,) = conn.execute(_DEDUCT, {"tokens": tokens, "now": now, "account": account_id}).fetchone()
         if after != balances[account_id] - tokens:  # overflow, or a write this connection did not make
             raise RuntimeError(f"balance of {account_id} is {after!r}, expected {balances[account_id] - tokens}")
     return results
-
-
-def record_usage(
-    conn: Connection,
-    batch_id: str,
-    account_id: str,
-    session_id: str,
-    provider: str,
-    model: str,
-    totals: UsageTotals,
-    now: str,
-) -> int:
-    """Store one batch and deduct its tokens (once per batch_id); returns the balance after it.
-
-    `record_batches` with one batch (there is one way to record usage); raises its refusal.
-    """
-    (result,) = record_batches(conn, [Batch(batch_id, account_id, session_id, provider, model, totals)], now)
-    if isinstance(result, SwitchError):
-        raise result
-    return result
 
 
 def usage_summary(conn: Connection, account_id: str) -> UsageSummary:

@@ -25,6 +25,8 @@ EXPECTED: dict[str, set[str]] = {
                  "ping_during_flood_ms", "worst_stall_ms"},
     "connect": {"first_event_p50_ms", "first_event_p99_ms", "connects_per_side", "errors"},
     "relay": {"closed_loop", "pipelined", "realtime", "capacity", "floor"},
+    "overload": {"max_sessions", "reference_rate", "storms", "rejection_cost", "graceful", "graceful_by_rate",
+                 "criterion"},
 }
 REALTIME_POINT = {"sessions", "latency_ms", "added_ms", "lost", "connect_failed", "switchd_cpu_pct_of_core",
                   "switchd_us_per_relayed_message", "switchd_user_us_per_relayed_message",
@@ -70,8 +72,37 @@ def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
     assert relay["closed_loop"]["samples_through"] > 0 and relay["closed_loop"]["samples_direct"] > 0
     assert relay["pipelined"]["lost"] == {"direct": 0, "through": 0}
     floor = relay["floor"]  # switchd side by side with a bare Trio proxy
-    assert floor["floor"]["lost"] == 0 and floor["switchd"]["lost"] == 0
-    assert floor["floor"]["us_per_relayed_message"] and floor["switchd"]["us_per_relayed_message"]
+    assert floor["floor"]["lost"] == 0 and floor["threads"]["lost"] == 0 and floor["switchd"]["lost"] == 0
+    assert all(floor[k]["us_per_relayed_message"] for k in ("floor", "threads", "switchd"))
+
+
+def test_overload_storm_was_refused_and_counted(results: Path) -> None:
+    """A full switchd refused the storm with 503s that both sides counted; the held sessions lost nothing."""
+    overload = _load(results, "overload")["results"]
+    cost = overload["rejection_cost"]
+    for run in [p for s in overload["storms"] for p in (s["baseline"], s["storm"])] + [cost["phase"]]:
+        assert run["sessions_connected"] == overload["max_sessions"] and run["connect_failed"] == 0
+        assert run["lost"] == 0 and run["dropped"] == 0
+        assert run["switchd_cpu_s"] is not None and run["latency_ms"]["n"] > 0
+    for s in overload["storms"]:
+        assert set(s["checks"]) and {"added_ms", "switchd_us_per_rejection", "graceful"} <= set(s)
+        assert s["baseline"]["storm"] is None
+    for storm in [s["storm"] for s in overload["storms"]] + [cost["phase"]]:
+        st = storm["storm"]
+        assert st["attempts"] > 0 and st["over_capacity_503"] > 0
+        assert st["rejection_ms"]["n"] == st["over_capacity_503"]
+        assert st["accepted_while_full"] == 0  # never a session past MAX_SESSIONS while every held one was open
+        # switchd's own counter saw at least every 503 the storm received.
+        assert storm["switchd_handshakes_rejected"] >= st["over_capacity_503"]
+    assert cost["switchd_us_per_rejection"] is not None
+
+
+def test_storm_has_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "perf.storm", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0
+    for flag in ("--url", "--key", "--rate", "--duration", "--control-stdin"):
+        assert flag in done.stdout
 
 
 def test_metering_methods_did_the_same_work_and_the_scan_is_fooled(results: Path) -> None:

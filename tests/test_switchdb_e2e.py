@@ -207,6 +207,9 @@ async def test_garbage_never_stops_the_daemon(tmp_path: Path) -> None:
              b"r7", ErrorCode.INTERNAL_BAD_USAGE),
             ([b"r8", b"VALIDATE_AND_LOAD", b"k", b"s", b"x" * (MAX_MESSAGE_BYTES + 1)],
              b"r8", ErrorCode.INTERNAL_MALFORMED_MESSAGE),
+            # An integer duration no float can hold (json reads it; float() overflows).
+            ([b"r9", b"RECORD_USAGE", b"b", account_id.encode(), b"s", b"p", b"m",
+              b'{"transcription_seconds": 1' + b"0" * 400 + b"}"], b"r9", ErrorCode.INTERNAL_BAD_USAGE),
         ]
         silent = [
             [b"n1", b"SAVE_SESSION", account_id.encode(), b"s"],
