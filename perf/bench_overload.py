@@ -76,7 +76,7 @@ class Plan:
 # MAX_SESSIONS is set where an operator would set it: at or below the relay's realtime capacity on
 # this machine (the relay benchmark measured 34 sessions), so the baseline is a healthy switch.
 PLANS = {
-    "full": Plan(30, (100.0, 500.0), 6.0, 1.5, 1000.0, 4.0),
+    "full": Plan(50, (100.0, 500.0), 6.0, 1.5, 1000.0, 4.0),
     "quick": Plan(20, (100.0,), 4.0, 1.0, 1000.0, 2.0, retry_disturbed=False),  # stays under 20 s
     "smoke": Plan(3, (50.0,), 0.8, 0.4, 100.0, 0.8, retry_disturbed=False),
 }
