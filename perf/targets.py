@@ -62,7 +62,9 @@ def _lost(r: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def _cpu_per_msg(r: dict[str, Any]) -> tuple[float | None, str]:
-    p = _point_at(r, 50) or (r["realtime"][-1] if r["realtime"] else None)
+    # Judged at the load the capacity target names: per-message cost falls as load rises (more
+    # messages per wake-up), so the other points are shown beside it.
+    p = _point_at(r, TARGET_SESSIONS) or (r["realtime"][-1] if r["realtime"] else None)
     if p is None or p["switchd_us_per_relayed_message"] is None:
         return None, "not measured"
     v = p["switchd_us_per_relayed_message"]
@@ -70,7 +72,10 @@ def _cpu_per_msg(r: dict[str, Any]) -> tuple[float | None, str]:
     if p.get("switchd_user_us_per_relayed_message") is not None:
         split = (f" = {fmt(p['switchd_user_us_per_relayed_message'])} user + "
                  f"{fmt(p['switchd_system_us_per_relayed_message'])} sys")
-    return v, f"{fmt(v)} µs{split} at {p['sessions']} sessions ({fmt(p['switchd_cpu_pct_of_core'], 0)}% of a core)"
+    others = ", ".join(f"{fmt(q['switchd_us_per_relayed_message'], 0)} at {q['sessions']}" for q in r["realtime"]
+                       if q is not p and q["sessions"] > 1 and q["switchd_us_per_relayed_message"] is not None)
+    return v, (f"{fmt(v)} µs{split} at {p['sessions']} sessions ({fmt(p['switchd_cpu_pct_of_core'], 0)}% of a core)"
+               + (f"; {others}" if others else ""))
 
 
 def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
