@@ -44,7 +44,7 @@ from typing import Any
 import trio
 
 from perf import procs
-from perf.bench_relay import (DISTURBED_OTHERS_CORES, DISTURBED_STEAL_CORES, DRAIN_S, Env, engine, peer_socket,
+from perf.bench_relay import (DISTURBED_OTHERS_CORES, DISTURBED_STEAL_CORES, DRAIN_S, Env, engine, open_env, peer_socket,
                               quiesce)
 from perf.report import emit, ratio, table
 
@@ -332,14 +332,7 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="perf-overload-") as tmp_name, peer_socket() as peer:
         tmp = Path(tmp_name)
-        async with AsyncExitStack() as stack_cm:
-            stack = await stack_cm.enter_async_context(procs.open_stack(tmp))
-            _, key = await stack.account()
-            host, port = peer.getsockname()[:2]
-            switchd = await stack_cm.enter_async_context(
-                stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="switchd",
-                              MAX_SESSIONS=str(plan.sessions)))
-            env = Env(stack, key, peer, switchd)
+        async with open_env(tmp, peer, MAX_SESSIONS=str(plan.sessions)) as env:
             # Only the reference rate is judged, so only it is worth a second try (the full run stays ~1 minute).
             storms = [await storm_pair(env, plan, tmp, rate, plan.retry_disturbed and i == 0)
                       for i, rate in enumerate(plan.storm_rates)]

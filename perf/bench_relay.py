@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,17 @@ class Env:
 
     def through(self, prefix: str) -> list[str]:
         return ["--url", f"{self.switchd.address}/v1/realtime", "--key", self.key, "--session-prefix", prefix]
+
+
+@asynccontextmanager
+async def open_env(tmp: Path, peer: socket.socket, **switchd_env: str) -> AsyncIterator[Env]:
+    """switchdb with an account, and switchd relaying to the engine's peer socket."""
+    async with procs.open_stack(tmp) as stack:
+        _, key = await stack.account()
+        host, port = peer.getsockname()[:2]
+        async with stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="switchd",
+                                 **switchd_env) as switchd:
+            yield Env(stack, key, peer, switchd)
 
 
 def peer_socket() -> socket.socket:
@@ -309,13 +321,7 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     plan = PLANS[mode]
     with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name, peer_socket() as peer:
         tmp = Path(tmp_name)
-        async with AsyncExitStack() as stack_cm:
-            stack = await stack_cm.enter_async_context(procs.open_stack(tmp))
-            _, key = await stack.account()
-            host, port = peer.getsockname()[:2]
-            switchd = await stack_cm.enter_async_context(
-                stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="switchd"))
-            env = Env(stack, key, peer, switchd)
+        async with open_env(tmp, peer) as env:
             closed = await closed_loop(env, plan)
             flood = await pipelined(env, plan)
             points = []
