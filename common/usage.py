@@ -20,6 +20,18 @@ def _count(value: object) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+def _seconds(value: object) -> float | None:
+    """A finite, non-negative number of seconds as a float; None for anything else, an int too
+    big for a float included (float() of it raises OverflowError)."""
+    if type(value) is not int and type(value) is not float:
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+    return seconds if 0 <= seconds < math.inf else None
+
+
 _NO_DETAILS: dict[str, object] = {}
 
 
@@ -49,8 +61,8 @@ def _read_strictly(data: dict[str, object]) -> tuple[list[int], float]:
         return value
 
     inp, out = details("input_token_details"), details("output_token_details")
-    seconds = data.get("transcription_seconds", 0)
-    if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:  # type: ignore[operator]
+    seconds = _seconds(data.get("transcription_seconds", 0))
+    if seconds is None:
         raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
     counts = [
         count(obj, key)
@@ -60,7 +72,7 @@ def _read_strictly(data: dict[str, object]) -> tuple[list[int], float]:
             (data, "transcription_tokens"), (data, "reports"), (data, "total_tokens"),
         )
     ]
-    return counts, float(seconds)  # type: ignore[arg-type]
+    return counts, seconds
 
 
 @dataclass(slots=True)
@@ -104,9 +116,7 @@ class UsageTotals:
         """Add an input-transcription usage block; a duration report is kept in seconds and deducts nothing."""
         self.reports += 1
         if usage.get("type") == "duration":
-            seconds = usage.get("seconds")
-            if type(seconds) in (int, float) and 0 < seconds < math.inf:  # type: ignore[operator]
-                self.transcription_seconds += float(seconds)  # type: ignore[arg-type]
+            self.transcription_seconds += _seconds(usage.get("seconds")) or 0.0
             return 0
         total = _count(usage.get("total_tokens"))
         if not total:
@@ -148,10 +158,10 @@ class UsageTotals:
         get = data.get
         inp = get("input_token_details", _NO_DETAILS)
         out = get("output_token_details", _NO_DETAILS)
-        seconds = get("transcription_seconds", 0)
+        seconds = _seconds(get("transcription_seconds", 0))
         # The common case (every part present and well-formed) in one pass; anything else (null
         # details, a bad count) is read by `_read_strictly`, which names the first bad part.
-        if type(inp) is dict and type(out) is dict and (type(seconds) is int or type(seconds) is float):
+        if type(inp) is dict and type(out) is dict and seconds is not None:
             iget, oget = inp.get, out.get
             values = (
                 get("input_tokens", 0), get("output_tokens", 0), iget("text_tokens", 0), iget("audio_tokens", 0),
@@ -162,8 +172,7 @@ class UsageTotals:
                 if type(value) is not int or value < 0:
                     break
             else:
-                if 0 <= seconds < math.inf:
-                    return cls(*values[:9], float(seconds), values[9])
+                return cls(*values[:9], seconds, values[9])
         counts, seconds = _read_strictly(data)
         return cls(*counts[:9], seconds, counts[9])
 

@@ -109,11 +109,7 @@ def read_row(
     row = usage.canonical_row(batch_id, account_id, session_id, provider, model, usage_json)
     if row is not None:
         return row
-    try:
-        totals = UsageTotals.from_json(usage_json)
-    except OverflowError:  # transcription_seconds as an integer beyond any float
-        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds is out of range") from None
-    return usage.usage_row(batch_id, account_id, session_id, provider, model, totals)
+    return usage.usage_row(batch_id, account_id, session_id, provider, model, UsageTotals.from_json(usage_json))
 
 
 def read_usage(request: Request) -> usage.Row:

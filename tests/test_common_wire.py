@@ -109,6 +109,7 @@ def test_usage_blocks_of_any_shape_never_raise_or_credit(block: object) -> None:
         '{"input_token_details": 7}',
         '{"transcription_tokens": 2.0}',
         '{"transcription_seconds": -1}',
+        '{"transcription_seconds": 1' + "0" * 400 + '}',  # an int beyond any float
         '{"total_tokens": -5}',
     ],
 )
@@ -156,6 +157,7 @@ def test_bad_numbers_and_secrets_in_repr(tmp_path: Path) -> None:
 def test_non_finite_duration_is_ignored() -> None:
     totals = UsageTotals()
     totals.add_transcription(json.loads('{"type":"duration","seconds":Infinity}'))
+    totals.add_transcription({"type": "duration", "seconds": 10**400})  # float() of it would raise
     assert totals.transcription_seconds == 0 and UsageTotals.from_json(totals.to_json()) == totals
 
 
@@ -184,7 +186,11 @@ def _from_json_reference(text: str) -> UsageTotals:
 
     inp, out = details("input_token_details"), details("output_token_details")
     seconds = data.get("transcription_seconds", 0)
-    if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
+    try:
+        seconds = float(seconds) if type(seconds) in (int, float) else -1.0
+    except OverflowError:  # an int beyond any float
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
         raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_seconds must be a non-negative number")
     totals = UsageTotals(
         input_tokens=count(data, "input_tokens"), output_tokens=count(data, "output_tokens"),
