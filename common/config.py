@@ -32,6 +32,7 @@ class Settings:
     max_payload_length: int = 2 * 1024 * 1024
     idle_timeout: float = 120.0
     max_sessions: int = 0  # 0: no limit
+    relay_coalesce_ms: int = 1  # 0: the relay wakes for every frame, however busy
     shutdown_grace: float = 10.0
     workers: int = 1  # switchd processes sharing PORT (SO_REUSEPORT)
     spool_dir: str = "var/spool"
@@ -74,7 +75,7 @@ def upstream_is_local(url: str) -> bool:
     return parts.scheme == "ws" and (parts.hostname or "") in {"127.0.0.1", "localhost", "::1"}
 
 
-_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS", "WORKERS"}
+_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS", "WORKERS", "RELAY_COALESCE_MS"}
 _FLOAT_KEYS = {"IDLE_TIMEOUT", "SHUTDOWN_GRACE"}
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "switchd": ("ZMQ_SOCKET_PATH",),
@@ -117,6 +118,8 @@ def load_settings(
     settings = Settings(**kwargs)  # type: ignore[arg-type]
     if settings.workers < 1:
         raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key WORKERS must be at least 1")
+    if not 0 <= settings.relay_coalesce_ms <= 20:  # past one 20 ms audio frame it is no longer batching
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key RELAY_COALESCE_MS must be 0 to 20")
     if settings.log_format not in ("text", "json"):
         raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key LOG_FORMAT must be text or json")
     return settings

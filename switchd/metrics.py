@@ -26,6 +26,7 @@ class Metrics:
     frames_out: int = 0  # upstream → client
     bytes_in: int = 0
     bytes_out: int = 0
+    relay_wakes: int = 0  # the pump's: frames relayed per wake says how well it batches
     tokens_metered: int = 0
     credit_cutoffs: int = 0
     upstream_reconnects: int = 0
@@ -52,6 +53,8 @@ class Metrics:
                [('{direction="client_to_upstream"}', self.frames_in), ('{direction="upstream_to_client"}', self.frames_out)])
         metric("switch_bytes_relayed_total", "counter", "Payload characters relayed.",
                [('{direction="client_to_upstream"}', self.bytes_in), ('{direction="upstream_to_client"}', self.bytes_out)])
+        metric("switch_relay_wakes_total", "counter", "Wake-ups of the relay's pump (frames per wake: its batching).",
+               [("", self.relay_wakes)])
         metric("switch_tokens_metered_total", "counter", "Tokens metered from provider usage reports.", [("", self.tokens_metered)])
         metric("switch_credit_cutoffs_total", "counter", "Sessions cut off for lack of credits.", [("", self.credit_cutoffs)])
         metric("switch_upstream_reconnects_total", "counter", "Upstream reconnect attempts.", [("", self.upstream_reconnects)])

@@ -140,7 +140,7 @@ async def serve(
     grace = settings.shutdown_grace
     async with open_db_client(settings.zmq_socket_path, settings.zmq_timeout_ms) as db:
         db.observe_rtt = metrics.observe_rtt
-        switch = Switch(settings, db, metrics, outbox, trio.Event(), Pump(metrics), {})
+        switch = Switch(settings, db, metrics, outbox, trio.Event(), Pump(metrics, settings.relay_coalesce_ms / 1000), {})
         async with trio.open_nursery() as services:
             await services.start(outbox.run, db)
             await services.start(switch.pump.run)

@@ -204,3 +204,41 @@ async def test_gone_destination_leaves_the_frames_to_the_reader() -> None:
     feed.close()
     assert src.forward_plain(lane, 0.0) == (True, 0, 0)
     pump._epoll.close()
+
+
+async def test_busy_pump_gathers_for_one_coalesce_and_a_lone_frame_never_waits(mock_clock: trio.testing.MockClock) -> None:
+    """Time moves only when the test says so: what went out before a jump did not wait."""
+    metrics = Metrics()
+    pump = Pump(metrics, coalesce=0.001)
+    feeds, outs, srcs = [], [], []
+    for _ in range(3):
+        feed, src_sock = socket.socketpair()
+        dest_sock, out = socket.socketpair()
+        out.setblocking(False)
+        src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
+        src.lane = Lane(pump, dest, LIMIT, b"", inbound=True)
+        feeds.append(feed), outs.append(out), srcs.append((src, dest))
+    one, two, three = frames_of(3, 10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pump.run)
+        for src, dest in srcs:
+            nursery.start_soon(relay, src, dest, [])
+        await trio.testing.wait_all_tasks_blocked()
+        feeds[0].sendall(one)  # a lone frame goes at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(outs[0]) == one and metrics.relay_wakes == 1
+        for feed in feeds:  # three ready at once: busy
+            feed.sendall(two)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [drain(out) for out in outs] == [two] * 3
+        feeds[0].sendall(three)  # gathered until the coalesce is over
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(outs[0]) == b"" and metrics.relay_wakes == 2
+        mock_clock.jump(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(outs[0]) == three and metrics.relay_wakes == 3
+        feeds[0].sendall(one)  # that wake found one ready: no longer busy, so no wait
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(outs[0]) == one and metrics.relay_wakes == 4
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() == 0.001 and metrics.frames_in == 6

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -109,6 +110,8 @@ async def test_relay_is_faithful_and_ordered_both_ways(stack: Stack, provider: S
         assert status == 200
         assert 'switch_frames_relayed_total{direction="client_to_upstream"} 1200' in body
         assert 'switch_frames_relayed_total{direction="upstream_to_client"} 1200' in body
+        wakes = int(re.search(r"^switch_relay_wakes_total (\d+)$", body, re.M).group(1))
+        assert 0 < wakes <= 2400  # the pump carried plain frames, never more than one wake a frame
         assert "switch_switchdb_rtt_seconds_count" in body
 
 
