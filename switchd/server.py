@@ -7,6 +7,7 @@ last usage is delivered — or spooled when SHUTDOWN_GRACE runs out.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -152,6 +153,11 @@ async def serve(
                     await listener.start(partial(trio.serve_listeners, partial(handle, switch), listeners,
                                                  handler_nursery=sessions))
                     log.info("listening on ws://%s:%d", settings.host, port)
+                    # What exists now (modules, trio, the settings) lives as long as the process:
+                    # frozen, a full collection no longer walks it, which paused every session
+                    # for ~24 ms at 150 sessions.
+                    gc.collect()
+                    gc.freeze()
                     task_status.started(Bound(port, metrics_port))
                     await shutdown_trigger()
                     listener.cancel_scope.cancel()
