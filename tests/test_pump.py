@@ -76,12 +76,13 @@ async def _check_forwarding(frames: list[bytes], cuts: list[int], server: bool, 
     first_not_plain = next((i for i, f in enumerate(frames) if not is_plain(f, server=server, prefix=prefix)),
                            len(frames))
     pos, back, counted = 0, False, 0
-    for cut in [*cuts, len(stream)]:
-        chunk = stream[pos : pos + cut]
-        if not chunk or back:
-            break
-        feed.sendall(chunk)
-        pos += len(chunk)
+    feed.setblocking(False)  # a big stream must not block on a full socket with nobody reading it
+    sizes = iter(cuts)
+    while pos < len(stream) and not back:
+        try:
+            pos += feed.send(stream[pos : pos + next(sizes, len(stream))])
+        except BlockingIOError:
+            pass  # full: the reads below make room
         while not back and select.select([src_sock], [], [], 0)[0]:  # one read a step, as per wake
             back, n, _ = src.forward_plain(lane, 1.0)
             counted += n
