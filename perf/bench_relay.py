@@ -38,9 +38,11 @@ from typing import Any
 import trio
 
 from perf import procs
-from perf.report import emit, percentile, ratio, table
+from perf.report import emit, fmt, percentile, ratio, table
 
 P99_ADDED_LIMIT_MS = 5.0
+# (f): switchd processes sharing one port; two, as this machine has two cores.
+WORKERS = 2
 P999_ADDED_LIMIT_MS = 20.0
 # A direct run slower than this means the machine cannot even drive N sessions without switchd
 # (engine starved): "added" latency is then meaningless and the point cannot pass.
@@ -182,10 +184,14 @@ def _per_message(cpu: dict[str, Any] | None, key: str, messages: int) -> float |
     return cpu[key] / messages * 1e6 if cpu and messages else None
 
 
+def _realtime_args(plan: Plan, n: int) -> list[str]:
+    return ["--sessions", str(n), "--duration", str(plan.duration), "--warmup", str(plan.warmup), "--rate", "50",
+            "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
+
+
 async def realtime_point(env: Env, plan: Plan, n: int, tag: str) -> dict[str, Any]:
     """N realtime sessions direct to the engine's peer, then through switchd; the added cost."""
-    common = ["--sessions", str(n), "--duration", str(plan.duration), "--warmup", str(plan.warmup),
-              "--rate", "50", "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
+    common = _realtime_args(plan, n)
     started = time.monotonic()
     await quiesce(env.switchd)
     d = await engine(env, "--direct", *common)
@@ -280,8 +286,7 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
     n = plan.floor_sessions
     closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
               "--samples", *PLAIN_PEER]
-    realtime = ["--sessions", str(n), "--duration", str(plan.duration), "--warmup", str(plan.warmup),
-                "--rate", "50", "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
+    realtime = _realtime_args(plan, n)
     port = env.peer.getsockname()[1]
     runs: dict[str, dict[str, Any]] = {}
     async with AsyncExitStack() as proxies:
@@ -317,6 +322,53 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
                                                      t["us_per_relayed_message"] or float("nan"))}
 
 
+async def _worker_counts(urls: list[str]) -> list[dict[str, float]]:
+    """Each worker's sessions accepted and frames relayed so far, from its own /metrics."""
+    counts = []
+    for url in urls:
+        values = procs.metric_values(await procs.http_get(url))
+        counts.append({"sessions": values.get("switch_sessions_total", 0.0),
+                       "frames": sum(v for k, v in values.items() if k.startswith("switch_frames_relayed_total"))})
+    return counts
+
+
+async def workers_comparison(env: Env, plan: Plan, single: dict[str, Any]) -> dict[str, Any]:
+    """(f) WORKERS processes on one port, each at the load of (e)'s one switchd: CPU per message against it.
+
+    Equal per-message cost at equal per-process load means each added core adds a whole
+    process's capacity; the kernel's spread of the sessions over the workers is the other half.
+    """
+    n = WORKERS * plan.floor_sessions
+    host, port = env.peer.getsockname()[:2]
+    async with env.stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="workers",
+                                 WORKERS=str(WORKERS)) as supervisor:
+        urls = [f"http://127.0.0.1:{p}/metrics" for p in supervisor.ready_line.split()[-1].split(",")]
+        pids = procs.children(supervisor.pid)
+        if len(pids) != WORKERS:
+            raise RuntimeError(f"WORKERS={WORKERS} switchd runs {len(pids)} worker processes")
+        watch = [arg for i, pid in enumerate(pids) for arg in ("--watch", f"worker{i}={pid}")]
+        before = await _worker_counts(urls)
+        r = await engine(env, "--url", f"{supervisor.address}/v1/realtime", "--key", env.key, "--session-prefix",
+                         "workers", *_realtime_args(plan, n), *watch, "--watch", f"switchdb={env.stack.db.pid}")
+        after = await _worker_counts(urls)
+    cpu = [r["cpu"].get(f"worker{i}") or {} for i in range(WORKERS)]
+    relayed = r["sent_in_window"] + r["received_in_window"]
+    total_cpu = sum(c.get("cpu_s") or 0.0 for c in cpu)
+    per_message = total_cpu / relayed * 1e6 if relayed and all(c.get("cpu_s") is not None for c in cpu) else None
+    return {
+        "workers": WORKERS, "sessions": n, "sessions_per_process": plan.floor_sessions,
+        "sessions_per_worker": [int(a["sessions"] - b["sessions"]) for a, b in zip(after, before)],
+        "frames_per_worker": [int(a["frames"] - b["frames"]) for a, b in zip(after, before)],
+        "latency_ms": r["latency_ms"], "lost": r["lost"], "connect_failed": r["connect_failed"],
+        "cpu_pct_of_core_per_worker": [c.get("pct_of_one_core") for c in cpu],
+        "us_per_relayed_message": per_message,
+        "one_process_us_per_relayed_message": single["us_per_relayed_message"],
+        "ratio_us_per_message": ratio(per_message or float("nan"), single["us_per_relayed_message"] or float("nan")),
+        "switchdb_cpu_pct_of_core": (r["cpu"].get("switchdb") or {}).get("pct_of_one_core"),
+        "machine": r["cpu"].get("machine"),
+    }
+
+
 async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     plan = PLANS[mode]
     with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name, peer_socket() as peer:
@@ -329,7 +381,9 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
                 points.append(await measured_point(env, plan, n, f"rt{n}"))
             cap = await capacity(env, plan, points)
             floor = await floor_comparison(env, plan, tmp)
+            workers = await workers_comparison(env, plan, floor["switchd"])
     results = {"closed_loop": closed, "pipelined": flood, "realtime": points, "capacity": cap, "floor": floor,
+               "workers": workers,
                "plan": plan.__dict__, "load_engine": "perf.engine (epoll, both ends in one process)"}
     _print(results)
     notes = [
@@ -408,6 +462,19 @@ def _print(r: dict[str, Any]) -> None:
          f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}; switchd / blocking threads proxy: "
          f"closed-loop p50 ×{fl['ratio_closed_p50_vs_threads'] or float('nan'):.2f}, "
          f"CPU per message ×{fl['ratio_us_per_message_vs_threads'] or float('nan'):.2f}")
+    _print_workers(r["workers"])
+
+
+def _print_workers(w: dict[str, Any]) -> None:
+    lat = w["latency_ms"] or {}
+    emit(f"Relay (f): WORKERS={w['workers']} on one port, {w['sessions']} realtime sessions "
+         f"({w['sessions_per_process']} a worker, as (e)'s one switchd): sessions per worker "
+         f"{'/'.join(map(str, w['sessions_per_worker']))}, CPU "
+         f"{'/'.join(f'{fmt(c, 0)} %' for c in w['cpu_pct_of_core_per_worker'])} of a core; "
+         f"{fmt(w['us_per_relayed_message'])} µs per message against {fmt(w['one_process_us_per_relayed_message'])} "
+         f"for one process (×{fmt(w['ratio_us_per_message'])}); p50 {fmt(lat.get('p50'))} ms, p99 "
+         f"{fmt(lat.get('p99'))} ms (the load engine shares the two cores); lost {w['lost']}; switchdb "
+         f"{fmt(w['switchdb_cpu_pct_of_core'], 1)} % of a core")
 
 
 def run(mode: str) -> tuple[dict[str, Any], list[str]]:

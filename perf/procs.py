@@ -181,6 +181,20 @@ async def http_get(url: str, timeout: float = 5) -> str:
     return bytes(data).partition(b"\r\n\r\n")[2].decode()
 
 
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (a WORKERS supervisor's switchd workers), by pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
 def metric_values(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():

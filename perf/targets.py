@@ -41,6 +41,20 @@ def _capacity(r: dict[str, Any]) -> tuple[float | None, str]:
     return cap["sessions"], f"{cap['sessions']} (fails at {above}{why})"
 
 
+def _workers(r: dict[str, Any]) -> tuple[float | None, str]:
+    """(f): CPU per message of WORKERS processes on one port over one process's, each at the same load."""
+    w = r.get("workers")
+    if w is None:
+        return None, "not run"
+    spread = "/".join(map(str, w["sessions_per_worker"]))
+    shown = (f"×{fmt(w['ratio_us_per_message'])} ({fmt(w['us_per_relayed_message'])} vs "
+             f"{fmt(w['one_process_us_per_relayed_message'])} µs) with {w['workers']} workers at "
+             f"{w['sessions_per_process']} sessions each; sessions per worker {spread}; {w['lost']} lost")
+    if w["lost"] or w["connect_failed"] or min(w["sessions_per_worker"]) == 0:
+        return float("inf"), shown + " — not every worker served, or frames were lost"
+    return w["ratio_us_per_message"], shown
+
+
 def _p999(r: dict[str, Any]) -> tuple[float | None, str]:
     p = _point_at(r, TARGET_SESSIONS)
     if p is None:
@@ -113,6 +127,9 @@ TARGETS: list[Target] = [
     Target("realtime sessions per switchd process (p99 added ≤ 5 ms, p99.9 ≤ 20 ms, 0 lost)", "≥ 150", "relay",
            _capacity,
            lambda v: v >= TARGET_SESSIONS),
+    # Near-linear: each added core (one more worker) brings at least 80 % of a whole process's capacity.
+    Target("worker processes sharing the port: CPU per message vs one process at the same per-process load",
+           "≤ 1.25×", "relay", _workers, lambda v: v <= 1.25),
     Target(f"p99.9 added latency at {TARGET_SESSIONS} realtime sessions", "≤ 20 ms", "relay", _p999,
            lambda v: v <= 20),
     Target(f"frames lost at {TARGET_SESSIONS} realtime sessions", "0", "relay", _lost, lambda v: v == 0),

@@ -24,7 +24,7 @@ EXPECTED: dict[str, set[str]] = {
     "switchdb": {"validate_and_load_ms", "record_usage", "record_usage_per_s_max", "ping_idle_ms",
                  "ping_during_flood_ms", "worst_stall_ms"},
     "connect": {"first_event_p50_ms", "first_event_p99_ms", "connects_per_side", "errors"},
-    "relay": {"closed_loop", "pipelined", "realtime", "capacity", "floor"},
+    "relay": {"closed_loop", "pipelined", "realtime", "capacity", "floor", "workers"},
     "overload": {"max_sessions", "reference_rate", "storms", "rejection_cost", "graceful", "graceful_by_rate",
                  "criterion"},
 }
@@ -74,6 +74,11 @@ def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
     floor = relay["floor"]  # switchd side by side with a bare Trio proxy
     assert floor["floor"]["lost"] == 0 and floor["threads"]["lost"] == 0 and floor["switchd"]["lost"] == 0
     assert all(floor[k]["us_per_relayed_message"] for k in ("floor", "threads", "switchd"))
+    workers = relay["workers"]  # WORKERS=2 on one port: every session landed on a worker, nothing lost
+    assert workers["workers"] == 2 and workers["sessions"] == 2 * relay["plan"]["floor_sessions"]
+    assert sum(workers["sessions_per_worker"]) == workers["sessions"] and workers["lost"] == 0
+    assert sum(workers["frames_per_worker"]) > 0 and workers["us_per_relayed_message"]
+    assert all(pct is not None for pct in workers["cpu_pct_of_core_per_worker"])
 
 
 def test_overload_storm_was_refused_and_counted(results: Path) -> None:
