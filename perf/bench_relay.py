@@ -9,7 +9,8 @@ back to back. (perf.load and perf.upstream, on trio-websocket, cost as much CPU 
 switchd: with them the machine, not switchd, set the capacity. perf.load is still what
 bench_connect and operators use.)
 
-(a) one session closed loop, ~1 KB frames, plain audio-delta echo: round trip p50/p99;
+(a) one session closed loop, ~1 KB frames, plain audio-delta echo: round trip p50/p99, beside
+    the machine's wake-up floor (perf.wakeup: what four wake-ups of a sleeping process cost);
 (b) one session pipelined (64 frames in flight): frames/s;
 (c) N sessions at realtime rate (50 appends/s of 20 ms audio each; the peer answers each with an
     audio delta, a transcript delta every 10 appends, a response.done with usage every 3 s):
@@ -69,14 +70,15 @@ class Plan:
     warmup: float
     capacity_budget_s: float
     floor_sessions: int = 150
+    wakeup_rounds: int = 5000
     retry_failed: bool = True  # off in smoke: that run only checks the fields, and must stay short
 
 
 PLANS = {
     # 150 is where the issue's target sits, so it is measured, not interpolated.
     "full": Plan(2, 3.0, 3.0, (1, 50, 100, 150, 200, 300, 400), 6.0, 1.5, 150.0),
-    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50),
-    "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, floor_sessions=2, retry_failed=False),
+    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50, wakeup_rounds=2000),
+    "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, floor_sessions=2, wakeup_rounds=50, retry_failed=False),
 }
 
 
@@ -163,6 +165,13 @@ async def closed_loop(env: Env, plan: Plan) -> dict[str, Any]:
         dq, tq = percentile(direct, q) / 1000, percentile(through, q) / 1000
         out[f"p{q}_ms"] = {"direct": dq, "through": tq, "added": tq - dq, "ratio": ratio(tq, dq)}
     out["added_median_rtt_us"] = out["p50_ms"]["added"] * 1000
+    # The least any relay adds here: four wake-ups of a sleeping process, two ping-pongs' worth.
+    with trio.fail_after(120):
+        done = await trio.run_process([sys.executable, "-m", "perf.wakeup", "--rounds", str(plan.wakeup_rounds)],
+                                      capture_stdout=True, stdin=subprocess.DEVNULL)
+    out["wakeup"] = json.loads(done.stdout)
+    out["relay_floor_added_us"] = 2 * out["wakeup"]["rtt_us"]["p50"]
+    out["added_over_floor"] = ratio(out["added_median_rtt_us"], out["relay_floor_added_us"])
     return out
 
 
@@ -409,6 +418,10 @@ def _print(r: dict[str, Any]) -> None:
                ["percentile", "direct", "through switchd", "added", "ratio"],
                [[f"p{q}", c[f"p{q}_ms"]["direct"], c[f"p{q}_ms"]["through"], c[f"p{q}_ms"]["added"],
                  c[f"p{q}_ms"]["ratio"]] for q in (50, 99)], digits=3))
+    emit(f"wake-up floor: two processes bouncing 1 KB over loopback (perf.wakeup) take "
+         f"{fmt(c['wakeup']['rtt_us']['p50'], 0)} µs a round trip (p50), two wake-ups; a relay adds four to this "
+         f"closed loop, so at least {fmt(c['relay_floor_added_us'], 0)} µs; switchd added "
+         f"{fmt(c['added_median_rtt_us'], 0)} µs (×{fmt(c['added_over_floor'])} the floor)")
     f = r["pipelined"]
     sw = f["cpu"]["through"].get("switchd") or {}
     eng = f["cpu"]["through"].get("engine") or {}

@@ -96,7 +96,9 @@ def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
     c = r["closed_loop"]
     v = c["added_median_rtt_us"]
     direct, through = c["p50_ms"]["direct"] * 1000, c["p50_ms"]["through"] * 1000
-    return v, f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs)"
+    floor = c.get("relay_floor_added_us")
+    return v, (f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs); the wake-up floor of any relay here is "
+               f"{fmt(floor, 0)} µs")
 
 
 def _overload(r: dict[str, Any]) -> tuple[float | None, str]:
