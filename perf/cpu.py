@@ -14,14 +14,21 @@ from typing import Any
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_times(pid: int) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of a process from /proc/<pid>/stat; None when it is gone or not on Linux."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None when the process is gone or not on Linux."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
-    rest = text[text.rindex(")") + 2 :].split()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a process from /proc/<pid>/stat; None when it is gone or not on Linux."""
+    rest = stat_fields(pid)
+    if rest is None:
+        return None
     return int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from perf.cpu import cpu_times  # re-exported: the benchmarks read CPU through procs
+from perf.cpu import cpu_times, stat_fields  # cpu_times re-exported: the benchmarks read CPU through procs
 
 BIN = Path(sys.executable).parent
 DAEMON_LOG_LEVEL = "WARNING"  # per-session INFO lines are not on the per-frame path; keep the logs small
@@ -186,11 +186,8 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # gone meanwhile
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            fields = stat_fields(int(entry.name))  # None: gone meanwhile
+            if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return sorted(found)
 

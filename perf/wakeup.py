@@ -4,7 +4,8 @@ Two processes bounce a 1 KB message over loopback TCP with blocking calls (no ev
 parsing): each round trip is two wake-ups of a sleeping process plus four small syscalls. A
 relay between the load engine's two ends adds four such wake-ups to a closed loop (engine →
 relay → peer → relay → engine, where direct the engine talks to itself without sleeping), so
-twice this round trip is the least any user-space relay adds here. Prints one JSON line.
+twice this round trip is what those wake-ups cost at that moment (it swings with the VM's
+neighbours: the relay benchmark runs it in every round). Prints one JSON line.
 """
 from __future__ import annotations
 
