@@ -333,10 +333,12 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     with tempfile.TemporaryDirectory(prefix="perf-overload-") as tmp_name, peer_socket() as peer:
         tmp = Path(tmp_name)
         async with open_env(tmp, peer, MAX_SESSIONS=str(plan.sessions)) as env:
-            # Only the reference rate is judged, so only it is worth a second try (the full run stays ~1 minute).
-            storms = [await storm_pair(env, plan, tmp, rate, plan.retry_disturbed and i == 0)
-                      for i, rate in enumerate(plan.storm_rates)]
-            cost = await rejection_cost(env, plan, tmp)
+            # As in the relay's (c): switchd on a core of its own, the storm and the held load on the rest.
+            with procs.dedicated_core(env.switchd.pid, env.stack.db.pid) as placement:
+                # Only the reference rate is judged, so only it is worth a second try (the full run stays ~1 minute).
+                storms = [await storm_pair(env, plan, tmp, rate, plan.retry_disturbed and i == 0)
+                          for i, rate in enumerate(plan.storm_rates)]
+                cost = await rejection_cost(env, plan, tmp)
     reference = storms[0]
     cost_storm = cost["phase"]["storm"] or {}
     results = {
@@ -350,6 +352,7 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
                                                         for s in storms)
                          and cost_storm.get("accepted_while_full") == 0),
         "graceful_by_rate": {f"{s['rate']:g}": s["graceful"] for s in storms},
+        "placement": placement,
         "criterion": f"at {reference['rate']:g} new sessions/s against a full switchd: no session accepted while "
                      "every held session was open, every other extra attempt answered 503 EXTERNAL_OVER_CAPACITY "
                      "(no other status, no error or timeout), switchd's own count of accepted sessions agreeing; "

@@ -154,34 +154,52 @@ async def wakeup_rtt(rounds: int) -> dict[str, Any]:
     return result
 
 
-async def closed_loop(env: Env, plan: Plan) -> dict[str, Any]:
+@asynccontextmanager
+async def peer_process(env: Env, tmp: Path) -> AsyncIterator[str]:
+    """The engine's peer as a process of its own, on env.peer (switchd's UPSTREAM_URL); its ws:// URL."""
+    fd = env.peer.fileno()
+    async with procs.daemon([sys.executable, "-m", "perf.engine", "--peer-only", "--peer-fd", str(fd)],
+                            procs.base_env(), tmp / "peer.log", cwd=tmp, pass_fds=(fd,)) as peer:
+        yield f"{peer.address}/v1/realtime"
+
+
+async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
+    """(a) The round trip through switchd against straight to the provider-like peer in a process of
+    its own (the issue's "straight to the simulator": a client and a provider are two processes, so a
+    direct round trip wakes each once). Beside it, the engine playing both ends (it never sleeps) and
+    perf.wakeup (two processes bouncing 1 KB, no event loop), in every round."""
     common = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
               "--samples", *PLAIN_PEER]
-    direct: list[int] = []
-    through: list[int] = []
+    runs: dict[str, list[int]] = {"direct": [], "through": [], "one_process_direct": [], "one_process_through": []}
     wakeups = []
     for r in range(plan.closed_rounds):
-        d = await engine(env, "--direct", *common)
-        await quiesce(env.switchd)
-        t = await engine(env, *env.through(f"closed{r}"), *common)
+        async with peer_process(env, tmp) as peer_url:
+            d = await engine(env, "--url", peer_url, "--no-peer", *common)
+            t = await engine(env, "--no-peer", *env.through(f"closed{r}"), *common)
+            await quiesce(env.switchd)
+        d1 = await engine(env, "--direct", *common)
+        t1 = await engine(env, *env.through(f"closed1p{r}"), *common)
         await quiesce(env.switchd)
         # What wake-ups cost swings with the VM's neighbours: measured in every round, beside the loops.
         wakeups.append(await wakeup_rtt(plan.wakeup_rounds))
-        direct += d["latency_us_samples"]
-        through += t["latency_us_samples"]
-    direct.sort()
-    through.sort()
-    out: dict[str, Any] = {"frame_bytes": 1024, "rounds": plan.closed_rounds, "samples_direct": len(direct),
-                           "samples_through": len(through)}
+        for name, run in (("direct", d), ("through", t), ("one_process_direct", d1), ("one_process_through", t1)):
+            runs[name] += run["latency_us_samples"]
+    for samples in runs.values():
+        samples.sort()
+    out: dict[str, Any] = {"frame_bytes": 1024, "rounds": plan.closed_rounds,
+                           "samples_direct": len(runs["direct"]), "samples_through": len(runs["through"])}
     for q in (50, 99):
-        dq, tq = percentile(direct, q) / 1000, percentile(through, q) / 1000
+        dq, tq = percentile(runs["direct"], q) / 1000, percentile(runs["through"], q) / 1000
         out[f"p{q}_ms"] = {"direct": dq, "through": tq, "added": tq - dq, "ratio": ratio(tq, dq)}
     out["added_median_rtt_us"] = out["p50_ms"]["added"] * 1000
-    # Direct, the engine talks to itself and never sleeps; through any relay, a round trip wakes a
-    # sleeping process four times (relay, peer, relay, client): two ping-pongs' worth.
+    d1q, t1q = (percentile(runs[k], 50) for k in ("one_process_direct", "one_process_through"))
+    # One engine playing both ends never sleeps between them: through a relay, the round trip
+    # wakes a sleeping process four times instead of none.
+    out["one_process"] = {"direct_p50_ms": d1q / 1000, "through_p50_ms": t1q / 1000, "added_p50_us": t1q - d1q}
+    # A relay adds two wake-ups to a round trip between two processes: one ping-pong's worth.
     out["wakeup"] = wakeups
-    out["four_wakeups_us"] = 2 * sum(w["rtt_us"]["p50"] for w in wakeups) / len(wakeups)
-    out["added_over_four_wakeups"] = ratio(out["added_median_rtt_us"], out["four_wakeups_us"])
+    out["two_wakeups_us"] = sum(w["rtt_us"]["p50"] for w in wakeups) / len(wakeups)
+    out["added_over_two_wakeups"] = ratio(out["added_median_rtt_us"], out["two_wakeups_us"])
     return out
 
 
@@ -299,7 +317,7 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
     }
 
 
-async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
+async def floor_comparison(env: Env, plan: Plan, tmp: Path, core: set[int] | None) -> dict[str, Any]:
     """(e) switchd side by side with bare TCP proxies in the same place: a Trio one (what any Trio
     relay costs) and a blocking one with a thread per direction (what the machine's wake-ups alone cost)."""
     n = plan.floor_sessions
@@ -314,6 +332,8 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
             proxy = await proxies.enter_async_context(procs.daemon(
                 [sys.executable, "-m", "perf.floor", "--target-port", str(port), *flags],
                 procs.base_env(), tmp / f"{name}.log", cwd=tmp))
+            if core is not None:
+                procs.pin(proxy.pid, core)  # in switchd's place
             relays.append((name, ["--url", f"{proxy.address}/v1/realtime", "--key", name, "--session-prefix", name],
                            ["--watch", f"{name}={proxy.pid}"]))
         relays.append(("switchd", env.through("efloor"), _watch(env)))
@@ -393,16 +413,23 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name, peer_socket() as peer:
         tmp = Path(tmp_name)
         async with open_env(tmp, peer) as env:
-            closed = await closed_loop(env, plan)
+            # One session leaves the machine idle: the scheduler places its three processes.
+            closed = await closed_loop(env, plan, tmp)
             flood = await pipelined(env, plan)
-            points = []
-            for n in plan.ns:
-                points.append(await measured_point(env, plan, n, f"rt{n}"))
-            cap = await capacity(env, plan, points)
-            floor = await floor_comparison(env, plan, tmp)
+            # "Per switchd process (one core)": from here switchd has a core of its own and the load
+            # engine, switchdb and this process share the other, so the load never queues for the
+            # core it measures (on this 2-core machine it did, and p99.9 was the scheduler's).
+            with procs.dedicated_core(env.switchd.pid, env.stack.db.pid) as placement:
+                points = []
+                for n in plan.ns:
+                    points.append(await measured_point(env, plan, n, f"rt{n}"))
+                cap = await capacity(env, plan, points)
+                floor = await floor_comparison(env, plan, tmp,
+                                               set(placement["under_test"]) if placement else None)
+            # Every core for the workers, the engine among them, as an operator would run WORKERS.
             workers = await workers_comparison(env, plan, floor["switchd"])
     results = {"closed_loop": closed, "pipelined": flood, "realtime": points, "capacity": cap, "floor": floor,
-               "workers": workers,
+               "workers": workers, "placement": placement,
                "plan": plan.__dict__, "load_engine": "perf.engine (epoll, both ends in one process)"}
     _print(results)
     notes = [
@@ -428,11 +455,13 @@ def _print(r: dict[str, Any]) -> None:
                ["percentile", "direct", "through switchd", "added", "ratio"],
                [[f"p{q}", c[f"p{q}_ms"]["direct"], c[f"p{q}_ms"]["through"], c[f"p{q}_ms"]["added"],
                  c[f"p{q}_ms"]["ratio"]] for q in (50, 99)], digits=3))
-    emit(f"wake-ups: two processes bouncing 1 KB over loopback (perf.wakeup, once a round) took "
-         f"{', '.join(fmt(w['rtt_us']['p50'], 0) for w in c['wakeup'])} µs a round trip (p50; two wake-ups each); "
-         f"a relay wakes a sleeping process four times a closed-loop round trip: "
-         f"{fmt(c['four_wakeups_us'], 0)} µs; switchd added {fmt(c['added_median_rtt_us'], 0)} µs "
-         f"(×{fmt(c['added_over_four_wakeups'])})")
+    one = c["one_process"]
+    emit(f"direct = a client process and the peer in a process of its own; wake-ups: two processes bouncing 1 KB "
+         f"over loopback (perf.wakeup, once a round) took {', '.join(fmt(w['rtt_us']['p50'], 0) for w in c['wakeup'])} "
+         f"µs a round trip (p50), the two wake-ups any relay adds to it; switchd added "
+         f"{fmt(c['added_median_rtt_us'], 0)} µs (×{fmt(c['added_over_two_wakeups'])}). With one engine playing both "
+         f"ends (never sleeping direct): {fmt(one['direct_p50_ms'] * 1000, 0)} → {fmt(one['through_p50_ms'] * 1000, 0)} "
+         f"µs, +{fmt(one['added_p50_us'], 0)}")
     f = r["pipelined"]
     sw = f["cpu"]["through"].get("switchd") or {}
     eng = f["cpu"]["through"].get("engine") or {}
@@ -455,6 +484,9 @@ def _print(r: dict[str, Any]) -> None:
                      m.get("busy_cores"), m.get("others_cores"), m.get("steal_cores"),
                      ("yes" if p["holds"] else "NO" if p["baseline_ok"] else "NO (base)")
                      + (" (2nd try)" if p.get("failed_attempts") else "") + (" *" if p["disturbed"] else "")])
+    where = r["placement"]
+    emit(f"(c)–(e): switchd on CPU {where['under_test']}, the load engine, switchdb and the rest on CPU {where['load']}"
+         if where else "(c)–(e): one core: everything shares it")
     emit(table("Relay (c): N sessions at realtime rate (50 × 20 ms appends/s each) — ms, CPU % of one core",
                ["N", "direct p50", "direct p99", "through p50", "through p99", "+p50", "+p99", "+p99.9", "lost",
                 "conn fail", "switchd %", "µs/msg", "user", "sys", "ceiling", "engine % d", "engine % t",

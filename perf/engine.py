@@ -11,7 +11,11 @@ It runs, in one process:
   peer, no switchd);
 - the peer standing in for the provider, on a listening socket: its own (port 0) or one
   inherited from the caller (`--peer-fd`), so a long-lived switchd can keep one UPSTREAM_URL
-  across many engine runs. It answers each `input_audio_buffer.append` with a
+  across many engine runs. `--peer-only` runs just the peer, as a process of its own, until
+  SIGTERM (it prints `perf.engine peer listening ws://HOST:PORT`); clients run with `--no-peer`
+  then, pointed at switchd or straight at that peer with `--url`. Split like that, a direct round
+  trip wakes two processes as a real client and provider would, where one engine playing both
+  ends never sleeps between them. It answers each `input_audio_buffer.append` with a
   `response.output_audio.delta` of about the same size carrying the append's event_id, sends a
   transcript delta every `--transcript-every` appends and, every `--response-every` appends, a
   `response.done` with usage + `rate_limits.updated` + `response.created` (switchd's metering
@@ -89,6 +93,7 @@ class Config:
     transcript_every: int = 10
     response_every: int = 150
     peer_fd: int | None = None
+    no_peer: bool = False  # the peer is another process (`--peer-only`): serve none, wait for none
     watch: dict[str, int] = field(default_factory=dict)
     samples: bool = False
 
@@ -469,13 +474,16 @@ class Engine:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.peers: set[Peer] = set()
         self.audio = audio_b64(cfg.frame_ms, cfg.frame_bytes)
-        if cfg.peer_fd is not None:
-            lsock = socket.socket(fileno=cfg.peer_fd)
-        else:
-            lsock = socket.create_server(("127.0.0.1", 0), backlog=4096)
-        self.listener = Listener(self, lsock)
-        self.peer_address = lsock.getsockname()[:2]
-        if cfg.direct or cfg.url is None:
+        self.listener: Listener | None = None
+        self.peer_address: tuple[str, int] | None = None
+        if not cfg.no_peer:
+            if cfg.peer_fd is not None:
+                lsock = socket.socket(fileno=cfg.peer_fd)
+            else:
+                lsock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+            self.listener = Listener(self, lsock)
+            self.peer_address = lsock.getsockname()[:2]
+        if self.peer_address is not None and (cfg.direct or cfg.url is None):
             self.target: tuple[str, int] = (self.peer_address[0], self.peer_address[1])
             self.path, self.query = "/v1/realtime", [("model", "gpt-realtime")]
         else:
@@ -577,6 +585,8 @@ class Engine:
         self.live = [c for c in self.clients if c.state == "open"]
         for slot, c in enumerate(self.live):
             c.slot = slot  # its phase in the realtime schedule
+        if self.listener is None:
+            return
         # Through switchd, a session's upstream opens after its client's 101: start when all are up.
         self.loop(lambda: len(self.peers) >= len(self.live), PEER_WAIT_S)
         if len(self.peers) < len(self.live):
@@ -707,6 +717,16 @@ class Engine:
                 conn.close()
         self.ep.close()
 
+    def serve_peer(self) -> None:
+        """`--peer-only`: answer whoever connects to the peer until SIGTERM ends the process."""
+        assert self.listener is not None
+        gc.disable()  # as in run(): a collection would be latency that is the peer's, not the relay's
+        host, port = self.peer_address or ("", 0)
+        sys.stdout.write(f"perf.engine peer listening ws://{host}:{port}\n")
+        sys.stdout.flush()
+        while True:
+            self.loop(lambda: False, 3600)
+
     def run(self) -> dict[str, Any]:
         started = time.time()
         # A cyclic-GC pass would pause the loop and show as latency that is ours, not switchd's;
@@ -731,7 +751,7 @@ class Engine:
         messages = stats.sent_window + stats.received_window
         out: dict[str, Any] = {
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("key", "samples")},
-            "mode": "direct" if self.target == self.peer_address else "through",
+            "mode": "direct" if self.target == self.peer_address else "through" if self.listener else "to --url",
             "sessions_connected": len(self.live),
             "connect_failed": stats.connect_failed,
             "connect_ms": _ms(stats.connect_ns),
@@ -797,14 +817,19 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool, bool]:
+    """(config, --peer-only, --json)"""
     p = argparse.ArgumentParser(prog="python -m perf.engine", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="switchd's ws://host:port/v1/realtime (its UPSTREAM_URL must be this engine's "
-                                      "peer: pass the listening socket with --peer-fd)")
+                                      "peer: pass the listening socket with --peer-fd), or with --no-peer any peer")
     target.add_argument("--direct", action="store_true", help="clients connect straight to the peer (baseline)")
+    target.add_argument("--peer-only", action="store_true",
+                        help="run only the peer, until SIGTERM (prints `perf.engine peer listening ws://HOST:PORT`)")
+    p.add_argument("--no-peer", action="store_true",
+                   help="clients only: the peer is another process (--peer-only), reached through --url")
     p.add_argument("--key", help="Realtime Switch key; each session gets rs_sessid=<prefix>-<n>")
     p.add_argument("--session-prefix", default=f"eng{os.getpid()}")
     p.add_argument("--sessions", type=int, default=1)
@@ -833,6 +858,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
             p.error(f"{name} must be positive")
     if a.sessions > 999_999:
         p.error("--sessions must be below 1,000,000 (6-digit ids)")
+    if a.no_peer and not a.url:
+        p.error("--no-peer needs --url (where the clients connect)")
     watch = {}
     for w in a.watch:
         name, _, pid = w.rpartition("=")
@@ -843,12 +870,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
                  pattern=a.pattern, rate=a.rate, frame_ms=a.frame_ms, frame_bytes=a.frame_bytes, window=a.window,
                  duration=a.duration, warmup=a.warmup, drain=a.drain, connect_concurrency=a.connect_concurrency,
                  transcript_every=a.transcript_every, response_every=a.response_every, peer_fd=a.peer_fd,
-                 watch=watch, samples=a.samples)
-    return cfg, a.json
+                 no_peer=a.no_peer, watch=watch, samples=a.samples)
+    return cfg, a.peer_only, a.json
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg, as_json = parse_args(argv)
+    cfg, peer_only, as_json = parse_args(argv)
+    if peer_only:
+        Engine(cfg).serve_peer()
+        return
     result = Engine(cfg).run()
     sys.stdout.write((json.dumps(result) if as_json else render(result)) + "\n")
 

@@ -13,8 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,13 +86,15 @@ class Daemon:
 
 @asynccontextmanager
 async def daemon(argv: list[str], env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None,
-                 start_timeout: float = 30, stop_timeout: float = 15) -> AsyncIterator[Daemon]:
+                 start_timeout: float = 30, stop_timeout: float = 15,
+                 pass_fds: tuple[int, ...] = ()) -> AsyncIterator[Daemon]:
     """Run `argv` (a console script name is looked up beside this Python), wait for its ready line."""
     if not os.path.isabs(argv[0]) and (BIN / argv[0]).exists():
         argv = [str(BIN / argv[0]), *argv[1:]]
     log_file = open(log_path, "ab")
     proc = await trio.lowlevel.open_process(
-        argv, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL)
+        argv, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+        pass_fds=pass_fds)
     d = Daemon(proc, "", log_path)
     try:
         with trio.fail_after(start_timeout):
@@ -190,6 +192,44 @@ def children(pid: int) -> list[int]:
             if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return sorted(found)
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (sched_setaffinity of a pid moves only its main thread);
+    threads it starts later inherit the mask."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return  # the process is gone
+    for task in tasks:
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:
+            pass  # that thread ended meanwhile
+
+
+@contextmanager
+def dedicated_core(pid: int, *others: int) -> Iterator[dict[str, list[int]] | None]:
+    """`pid` (the process under test) gets a core of its own; `others`, this process and every
+    process it starts from here on share the rest, so the load never queues for the core it
+    measures. Yields the placement, or None on a single core (nothing to keep apart). Every mask
+    comes back at the end."""
+    mine = os.sched_getaffinity(0)
+    cores = sorted(mine)
+    if len(cores) < 2:
+        yield None
+        return
+    core, rest = {cores[-1]}, set(cores[:-1])
+    pin(pid, core)
+    for other in others:
+        pin(other, rest)
+    os.sched_setaffinity(0, rest)
+    try:
+        yield {"under_test": sorted(core), "load": sorted(rest)}
+    finally:
+        os.sched_setaffinity(0, mine)
+        for p in (pid, *others):
+            pin(p, mine)
 
 
 def metric_values(text: str) -> dict[str, float]:

@@ -98,8 +98,8 @@ def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
     c = r["closed_loop"]
     v = c["added_median_rtt_us"]
     direct, through = c["p50_ms"]["direct"] * 1000, c["p50_ms"]["through"] * 1000
-    return v, (f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs); the four wake-ups any relay adds "
-               f"cost {fmt(c.get('four_wakeups_us'), 0)} µs here")
+    return v, (f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs, direct to a peer process); the two "
+               f"wake-ups any relay adds cost {fmt(c.get('two_wakeups_us'), 0)} µs here")
 
 
 def _overload(r: dict[str, Any]) -> tuple[float | None, str]:

@@ -36,6 +36,12 @@ ACTIONABLE: frozenset[str] = USAGE_TYPES | TRANSCRIPT_TYPES | {"session.updated"
 
 _TYPE_FIRST = '{"type":"'
 _TYPE_AT = len(_TYPE_FIRST)
+# Transcript deltas only add conversation text: relayed as they come, read afterwards (the pump
+# forwards them with the audio). By the peek's argument above, the closing quote makes each
+# prefix one type; a frame laid out otherwise is handed to the reader and parsed.
+OBSERVED_PREFIXES: tuple[bytes, ...] = tuple(
+    f'{_TYPE_FIRST}{kind}"'.encode() for kind in sorted({USER_DELTA, *AGENT_DELTAS})
+)
 
 
 def upstream_event(frame: str) -> dict | None:

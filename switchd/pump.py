@@ -12,6 +12,12 @@ big) hands the direction back: that frame stays first in the connection's buffer
 parses it as usual. So does anything the pump cannot finish at once: a write the destination
 will not take whole (back-pressure), a destination that is gone or busy, a lost connection.
 
+A frame the session only reads (a transcript delta: text for the conversation, nothing to act
+on) need not stop the carrying: the pump forwards it with the audio and keeps its payload in the
+connection's `observed` list, which the reader reads, in order, before the next frame it gets.
+Up to MAX_OBSERVED are kept; the next one is handed back like any frame the session must see, so
+the conversation is never more than that many deltas behind and the list stays bounded.
+
 Busy, the pump wakes at most once a `coalesce` (RELAY_COALESCE_MS): each wake costs about as much
 as forwarding several frames, so when one finds two or more sockets ready it sleeps that long and
 serves what has gathered in one pass. A lone session's frames (one ready socket a wake) never wait.
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 MAX_EVENTS = 256
 BURSTS = 4
 BUSY = 2  # ready sockets in one wake that mean more are coming: gather before the next
+MAX_OBSERVED = 16
 
 
 @dataclass(slots=True)
@@ -44,6 +51,9 @@ class Lane:
     max_payload: int  # a bigger frame goes to the session (it answers with an error event)
     prefix: bytes  # a plain frame's payload starts with this; b"" for any text frame
     inbound: bool  # client → provider, as the metrics count it
+    # Payload prefixes of frames forwarded like plain ones whose payload the reader reads later
+    # (in conn.observed). Unmasked lanes only: a masked payload would be kept masked.
+    observe: tuple[bytes, ...] = ()
 
 
 class Pump:

@@ -24,7 +24,7 @@ from common.wire import MessageType
 from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
-from switchd.metering import AUDIO_DELTA_PREFIX, USAGE_TYPES, meter, upstream_event
+from switchd.metering import AUDIO_DELTA_PREFIX, OBSERVED_PREFIXES, USAGE_TYPES, meter, upstream_event
 from switchd.metrics import Metrics
 from switchd.pump import Lane, Pump
 from switchd.transcript import Conversation
@@ -196,12 +196,14 @@ class Session:
                         self.pending.popleft()
                     self.up = up
                     if up.fd >= 0:  # plain TCP: the pump can write to it (not to TLS)
-                        up.lane = Lane(self.switch.pump, self.client, UPSTREAM_MAX_MESSAGE, AUDIO_DELTA, inbound=False)
+                        up.lane = Lane(self.switch.pump, self.client, UPSTREAM_MAX_MESSAGE, AUDIO_DELTA, inbound=False,
+                                       observe=OBSERVED_PREFIXES)
                         self.client.lane.dest = up
                     await self._read_upstream(up, reconnecting)
                 finally:
                     self.up = None
                     self.client.lane.dest = None
+                    self._read_observed(up)  # the client has these deltas: the conversation must too
                     with trio.CancelScope(shield=True):
                         await up.aclose(1000, "", wait=0)
             except Closed as exc:
@@ -242,10 +244,30 @@ class Session:
             return
         self.restore = fields[2]
 
+    def _read_observed(self, up: WsConnection) -> None:
+        """The transcript deltas the pump forwarded since the reader last ran, into the conversation in order."""
+        for payload in up.observed:
+            try:
+                event = upstream_event(payload.decode())
+            except UnicodeDecodeError:
+                continue
+            if event is not None:
+                self.conversation.observe(event)
+        up.observed.clear()
+
+    async def _checkpoint(self) -> None:
+        if len(self.conversation) >= CHECKPOINT_CHARS:
+            await self.switch.db.send(
+                MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, self.conversation.take()
+            )
+
     async def _read_upstream(self, up: WsConnection, reconnected: bool) -> None:
         client, metrics, ledger = self.client, self.switch.metrics, self.ledger
         while True:
             opcode, frame, header = await up.receive()
+            if up.observed:  # they came before this frame
+                self._read_observed(up)
+                await self._checkpoint()
             metrics.frames_out += 1
             metrics.bytes_out += len(frame) - header
             if opcode != OP_TEXT or frame.startswith(AUDIO_DELTA, header):
@@ -268,10 +290,7 @@ class Session:
                 if ledger.credits <= 0:
                     raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
             self.conversation.observe(event)
-            if len(self.conversation) >= CHECKPOINT_CHARS:
-                await self.switch.db.send(
-                    MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, self.conversation.take()
-                )
+            await self._checkpoint()
 
     async def _act(self, event: Mapping[str, object], frame: str, reconnected: bool) -> bool:
         """Act on a session event; False for the events a resumed client must not see."""

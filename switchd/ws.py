@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from switchd.pump import Lane
+from switchd.pump import MAX_OBSERVED, Lane
 from switchd.ws_codec import (
     CONTROL,
     MAX_HEAD,
@@ -74,6 +74,7 @@ class WsConnection:
         # Plain TCP (not TLS): read and write the socket's fd directly, the relay's fast path.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.lane: Lane | None = None  # set: the pump carries plain frames to lane.dest
+        self.observed: list[bytes] = []  # payloads the pump forwarded for the reader to read (lane.observe)
         self.last_data_at = trio.current_time()  # when the last data frame arrived
         self._data = bytes(buffer)  # received bytes; frames are slices of it (the whole of it, mostly)
         self._pos = 0
@@ -233,7 +234,9 @@ class WsConnection:
         if dest is None or dest.fd < 0 or dest._owed or dest._close_sent or dest._lock.locked():
             self._data, self._pos = buf, 0
             return True, 0, 0
-        mask, limit, prefix = (4 if self.server else 0), lane.max_payload, lane.prefix
+        mask, limit, prefix, observe = (4 if self.server else 0), lane.max_payload, lane.prefix, lane.observe
+        observed = self.observed
+        kept = len(observed)
         plain = True
         while end - pos >= 2:
             b1 = buf[pos + 1]
@@ -252,9 +255,14 @@ class WsConnection:
             stop = pos + head + length
             if stop > end:
                 break
-            if length > limit or (prefix and not buf.startswith(prefix, pos + head, stop)):
+            if length > limit:
                 plain = False
                 break
+            if prefix and not buf.startswith(prefix, pos + head, stop):
+                if not observe or len(observed) >= MAX_OBSERVED or not buf.startswith(observe, pos + head, stop):
+                    plain = False
+                    break
+                observed.append(buf[pos + head : stop])
             frames += 1
             size += length
             pos = stop
@@ -264,6 +272,7 @@ class WsConnection:
                 sent = os.write(dest.fd, chunk)
             except OSError:  # full (EAGAIN) or gone: the reader sends these frames itself
                 sent, pos, frames, size, plain = 0, 0, 0, 0, False
+                del observed[kept:]  # and reads them as it does
             if 0 < sent < pos:
                 dest._owed = chunk[sent:]
                 plain = False

@@ -2,7 +2,8 @@
 
 `forward_plain` is checked over real socket pairs against the codec's own parser (hypothesis:
 any mix of frames, any split into reads): the destination gets exactly the plain frames before
-the first one that is not plain, and nothing is lost or doubled. Then the pump task itself:
+the first one that is not plain, and nothing is lost or doubled; the frames it forwards for the
+reader to read later (transcript deltas) are kept in order, never more than MAX_OBSERVED. Then the pump task itself:
 handing back, part-written frames, a gone destination, cancellation.
 """
 from __future__ import annotations
@@ -16,13 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from switchd.metrics import Metrics
-from switchd.pump import Lane, Pump
+from switchd.pump import MAX_OBSERVED, Lane, Pump
 from switchd.ws import WsConnection
 from switchd.ws_codec import OP_BINARY, OP_CONT, OP_PING, OP_TEXT, encode_frame, parse_header
 
 MAX = 1 << 20
 LIMIT = 3000
 PREFIX = b'{"type":"response.output_audio.delta"'
+OBSERVE = (b'{"type":"response.output_audio_transcript.delta"', b'{"type":"response.output_text.delta"')
 
 
 def conn(sock: socket.socket, *, server: bool) -> WsConnection:
@@ -34,6 +36,21 @@ def is_plain(frame: bytes, *, server: bool, prefix: bytes) -> bool:
     assert header is not None
     return (header.fin and header.opcode == OP_TEXT and header.length < 65536 and header.length <= LIMIT
             and frame[header.size :].startswith(prefix))
+
+
+def carried(frames: list[bytes], *, server: bool, prefix: bytes, observe: tuple[bytes, ...]) -> tuple[int, list[bytes]]:
+    """The reference: how many frames lead that the pump may carry, and the payloads it keeps of them."""
+    kept: list[bytes] = []
+    for i, frame in enumerate(frames):
+        if is_plain(frame, server=server, prefix=prefix):
+            continue
+        payload = frame[parse_header(frame, 0, expect_masked=server, max_length=MAX).size :]
+        if observe and len(kept) < MAX_OBSERVED and is_plain(frame, server=server, prefix=b"") \
+                and payload.startswith(observe):
+            kept.append(payload)
+            continue
+        return i, kept
+    return len(frames), kept
 
 
 def drain(sock: socket.socket) -> bytes:
@@ -49,32 +66,34 @@ def drain(sock: socket.socket) -> bytes:
 payloads = st.one_of(
     st.binary(max_size=200),
     st.builds(lambda tail: PREFIX + tail, st.binary(max_size=300)),
-    st.sampled_from([b"x" * 125, b"x" * 126, PREFIX + b"y" * 4000, b"z" * 70_000]),
+    st.builds(lambda head, tail: head + tail, st.sampled_from(OBSERVE), st.binary(max_size=300)),
+    st.sampled_from([b"x" * 125, b"x" * 126, PREFIX + b"y" * 4000, OBSERVE[0] + b"t" * 4000, b"z" * 70_000]),
 )
 frame_specs = st.tuples(st.sampled_from([OP_TEXT] * 6 + [OP_BINARY, OP_PING, OP_CONT]), payloads, st.booleans())
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(frame_specs, max_size=10), st.lists(st.integers(1, 5000), max_size=20), st.booleans())
+@given(st.lists(frame_specs, max_size=24), st.lists(st.integers(1, 5000), max_size=20), st.booleans())
 def test_forwards_exactly_the_plain_frames_before_the_first_that_is_not(
     specs: list[tuple[int, bytes, bool]], cuts: list[int], server: bool
 ) -> None:
     frames = [encode_frame(op, p[:125] if op == OP_PING else p, mask=server, fin=fin or op == OP_PING)
               for op, p, fin in specs]
-    prefix = b"" if server else PREFIX  # as switchd's lanes: any client text frame, the provider's audio
-    trio.run(_check_forwarding, frames, cuts, server, prefix)
+    # As switchd's lanes: any client text frame; the provider's audio, and its transcripts kept for the reader.
+    prefix, observe = (b"", ()) if server else (PREFIX, OBSERVE)
+    trio.run(_check_forwarding, frames, cuts, server, prefix, observe)
 
 
-async def _check_forwarding(frames: list[bytes], cuts: list[int], server: bool, prefix: bytes) -> None:
+async def _check_forwarding(frames: list[bytes], cuts: list[int], server: bool, prefix: bytes,
+                            observe: tuple[bytes, ...]) -> None:
     feed, src_sock = socket.socketpair()
     dest_sock, out = socket.socketpair()
     out.setblocking(False)
     pump = Pump(Metrics())
     src, dest = conn(src_sock, server=server), conn(dest_sock, server=not server)
-    lane = Lane(pump, dest, LIMIT, prefix, inbound=True)
+    lane = Lane(pump, dest, LIMIT, prefix, inbound=True, observe=observe)
     stream = b"".join(frames)
-    first_not_plain = next((i for i, f in enumerate(frames) if not is_plain(f, server=server, prefix=prefix)),
-                           len(frames))
+    first_not_plain, observed = carried(frames, server=server, prefix=prefix, observe=observe)
     pos, back, counted = 0, False, 0
     feed.setblocking(False)  # a big stream must not block on a full socket with nobody reading it
     sizes = iter(cuts)
@@ -94,14 +113,28 @@ async def _check_forwarding(frames: list[bytes], cuts: list[int], server: bool, 
     assert forwarded + kept + unread + stream[pos:] == stream
     assert forwarded == b"".join(frames[:counted])
     assert counted <= first_not_plain
+    # What it kept for the reader: the transcripts among what it forwarded, in order, no more.
+    assert src.observed == observed[: len(src.observed)]
+    assert len(src.observed) == sum(1 for f in frames[:counted] if not is_plain(f, server=server, prefix=prefix))
     if pos == len(stream):  # all of it was read: every plain frame went, the first other one stopped it
         assert counted == first_not_plain
         assert back == (first_not_plain < len(frames))
+        assert src.observed == observed
     if counted:
         assert src.last_data_at == 1.0
     pump._epoll.close()
     for s in (feed, out):
         s.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), min_size=MAX_OBSERVED, max_size=3 * MAX_OBSERVED),
+       st.lists(st.integers(1, 3000), max_size=10))
+def test_keeps_at_most_max_observed_then_hands_the_next_back(kinds: list[bool], cuts: list[int]) -> None:
+    """A long run of audio and transcript deltas (as a speaking provider sends): the cap holds."""
+    frames = [encode_frame(OP_TEXT, (OBSERVE[0] if transcript else PREFIX) + b',"n":%d}' % i, mask=False)
+              for i, transcript in enumerate(kinds)]
+    trio.run(_check_forwarding, frames, cuts, False, PREFIX, OBSERVE)
 
 
 def payload_size(frame: bytes) -> int:
@@ -201,6 +234,13 @@ async def test_gone_destination_leaves_the_frames_to_the_reader() -> None:
     for f in frames:  # all still there, for the session to buffer while it reconnects
         opcode, frame, _ = await src.receive()
         assert frame == f
+    # From the provider: a transcript the write did not take is not kept either; the reader reads it.
+    up_feed, up_sock = socket.socketpair()
+    up = conn(up_sock, server=False)
+    transcript = encode_frame(OP_TEXT, OBSERVE[0] + b',"delta":"hi"}', mask=False)
+    up_feed.sendall(transcript)
+    assert up.forward_plain(Lane(pump, dest, LIMIT, PREFIX, inbound=False, observe=OBSERVE), 0.0) == (True, 0, 0)
+    assert up.observed == [] and (await up.receive())[1] == transcript
     lane.dest = None
     feed.close()
     assert src.forward_plain(lane, 0.0) == (True, 0, 0)

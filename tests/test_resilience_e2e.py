@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from tests.daemons import daemon
 from tests.stack import Stack, client_url, metrics_url
 from tests.test_switchd_e2e import http_get
+from switchd.pump import MAX_OBSERVED
+from switchd.session import CHECKPOINT_CHARS
 from tests.upstream import ScriptedProvider, Upstream, response_done, session_created
 
 MARKER = "\n\nHere is the previous conversation that happened which should be continued now:\n"
@@ -72,6 +76,44 @@ async def test_session_is_saved_and_restored_with_its_conversation(stack: Stack,
     for log in ("switchd.log", "switchdb.log"):  # never a transcript (nor a key) in the logs
         text = (stack.tmp / log).read_text()
         assert "café" not in text and "Quoted" not in text and key not in text
+
+
+def stored_conversation(stack: Stack, account_id: str, session_id: str) -> str:
+    """The conversation switchdb holds, read from its real SQLite file (unencrypted in the tests)."""
+    with closing(sqlite3.connect(f"file:{stack.tmp / 'switch.db'}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT data FROM sessions WHERE account_id = ? AND session_id = ? AND type = 'CONV'",
+                         (account_id, session_id)).fetchone()
+    return row[0] if row else ""
+
+
+async def test_transcripts_relayed_with_the_audio_reach_the_conversation_in_order(
+    stack: Stack, provider: ScriptedProvider
+) -> None:
+    """The provider's compact transcript deltas ride the pump with its audio; the conversation still
+    gets every one, in order, mid-session (a long run is never more than MAX_OBSERVED behind)."""
+    account_id, key = await stack.account()
+    words = [f"word{i:02d} " for i in range(3 * MAX_OBSERVED)]
+    down = ['{"type":"conversation.item.input_audio_transcription.delta","item_id":"i1","delta":"Hello \\"you\\" "}']
+    for i, word in enumerate(words):
+        down.append(f'{{"type":"response.output_audio.delta","delta":"{"AAAA" * (i + 1)}"}}')
+        down.append(f'{{"type":"response.output_audio_transcript.delta","delta":"{word}"}}')
+    async with stack.switchd(provider.url) as sw:
+        async with open_websocket_url(client_url(sw, key, "spoken")) as ws:
+            up = await provider.next()
+            with trio.fail_after(10):
+                for frame in down:
+                    await up.ws.send_message(frame)
+                assert [await ws.get_message() for _ in down] == down  # relayed untouched, in order
+                # No response.done, no other event: the deltas kept for the reader still reach switchdb
+                # while the session is open, checkpointed whenever 200 characters have gathered.
+                while len(stored_conversation(stack, account_id, "spoken")) < CHECKPOINT_CHARS:
+                    await trio.lowlevel.checkpoint()
+            mid = stored_conversation(stack, account_id, "spoken")
+            assert mid.startswith('user:Hello "you" \nagent:word00 word01 ')
+        with trio.fail_after(10):  # at the session's end, the rest, still in order
+            while not stored_conversation(stack, account_id, "spoken").endswith("\n"):
+                await trio.lowlevel.checkpoint()
+    assert stored_conversation(stack, account_id, "spoken") == 'user:Hello "you" \nagent:' + "".join(words) + "\n"
 
 
 async def test_sessions_are_private_to_their_account(stack: Stack, provider: ScriptedProvider) -> None:
