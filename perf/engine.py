@@ -719,9 +719,9 @@ class Engine:
 
     def serve_peer(self) -> None:
         """`--peer-only`: answer whoever connects to the peer until SIGTERM ends the process."""
-        assert self.listener is not None
+        assert self.peer_address is not None
         gc.disable()  # as in run(): a collection would be latency that is the peer's, not the relay's
-        host, port = self.peer_address or ("", 0)
+        host, port = self.peer_address
         sys.stdout.write(f"perf.engine peer listening ws://{host}:{port}\n")
         sys.stdout.flush()
         while True:

@@ -2,10 +2,10 @@
 
 Two processes bounce a 1 KB message over loopback TCP with blocking calls (no event loop, no
 parsing): each round trip is two wake-ups of a sleeping process plus four small syscalls. A
-relay between the load engine's two ends adds four such wake-ups to a closed loop (engine →
-relay → peer → relay → engine, where direct the engine talks to itself without sleeping), so
-twice this round trip is what those wake-ups cost at that moment (it swings with the VM's
-neighbours: the relay benchmark runs it in every round). Prints one JSON line.
+relay between a client process and a provider process adds two such wake-ups to their closed
+loop (client → relay → peer → relay → client against client → peer → client), so this round
+trip is what those wake-ups cost at that moment (it swings with the VM's neighbours: the relay
+benchmark runs it in every round). Prints one JSON line.
 """
 from __future__ import annotations
 

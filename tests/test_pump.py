@@ -3,8 +3,8 @@
 `forward_plain` is checked over real socket pairs against the codec's own parser (hypothesis:
 any mix of frames, any split into reads): the destination gets exactly the plain frames before
 the first one that is not plain, and nothing is lost or doubled; the frames it forwards for the
-reader to read later (transcript deltas) are kept in order, never more than MAX_OBSERVED. Then the pump task itself:
-handing back, part-written frames, a gone destination, cancellation.
+reader to read later (transcript deltas) are kept in order, never more than MAX_OBSERVED. Then
+the pump task itself: handing back, part-written frames, a gone destination, cancellation.
 """
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from switchd.pump import MAX_OBSERVED
+from switchd.session import CHECKPOINT_CHARS
 from tests.daemons import daemon
 from tests.stack import Stack, client_url, metrics_url
 from tests.test_switchd_e2e import http_get
-from switchd.pump import MAX_OBSERVED
-from switchd.session import CHECKPOINT_CHARS
 from tests.upstream import ScriptedProvider, Upstream, response_done, session_created
 
 MARKER = "\n\nHere is the previous conversation that happened which should be continued now:\n"
