@@ -57,15 +57,18 @@ class ZmqSocket:
         return parts
 
     async def wait_readable(self) -> None:
-        """Return once a message may be waiting (at once when `zmq.EVENTS` shows input).
+        """Return once a message may be waiting (after a checkpoint when `zmq.EVENTS` shows input).
 
         Call it only after `recv_nowait` returned None: the FD's edge is only re-armed by
-        draining the socket.
+        draining the socket. It always yields: under a steady stream input is nearly always
+        waiting again, and a reader that never yielded would hold the event loop for as long
+        as the stream lasts.
         """
         events = self.sock.getsockopt(_EVENTS)
         if events & _POLLOUT and self._writable:
             self._writable.unpark_all()
         if events & _POLLIN:
+            await trio.lowlevel.checkpoint()
             return
         with trio.CancelScope() as self._parked:
             await trio.lowlevel.wait_readable(self._fd)

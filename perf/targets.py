@@ -120,10 +120,12 @@ def _overload(r: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def _switchdb_stall(r: dict[str, Any]) -> tuple[float | None, str]:
-    """The PING percentile during the 8-client flood (bench_switchdb says why not the max), read beside idle."""
+    """The PING percentile under the steady writes (bench_switchdb says why), read beside idle and saturation."""
     q = f"p{r['stall_percentile']:g}"
-    return r["stall_ms"], (f"{q} {fmt(r['stall_ms'], 2)} ms (idle {fmt(r['idle_stall_ms'], 2)}); "
-                           f"max {fmt(r['worst_stall_ms'], 2)} (idle {fmt(r['ping_idle_ms']['max'], 2)})")
+    return r["stall_ms"], (f"{q} {fmt(r['stall_ms'], 2)} ms, max {fmt(r['worst_stall_ms'], 2)} at "
+                           f"{r['stall_rate']:,} batches/s (idle {fmt(r['idle_stall_ms'], 2)} / "
+                           f"{fmt(r['ping_idle_ms']['max'], 2)}; at saturation {fmt(r['saturated_stall_ms'], 2)} / "
+                           f"{fmt(r['ping_saturated_ms']['max'], 2)})")
 
 
 TARGETS: list[Target] = [
@@ -151,8 +153,8 @@ TARGETS: list[Target] = [
            lambda v: v <= 2),
     Target("switchdb RECORD_USAGE throughput", "≥ 20,000/s", "switchdb",
            lambda r: (r["record_usage_per_s_max"], f"{fmt(r['record_usage_per_s_max'])}/s"), lambda v: v >= 20_000),
-    Target("switchdb event-loop stall during writes (client-observed PING p99.9)", "≤ 5 ms", "switchdb",
-           _switchdb_stall, lambda v: v <= 5),
+    Target("switchdb event-loop stall while writing 10,000 batches/s (client-observed PING p99.9)", "≤ 5 ms",
+           "switchdb", _switchdb_stall, lambda v: v <= 5),
 ]
 
 

@@ -166,3 +166,26 @@ async def test_send_many_keeps_order_and_returns_what_the_hwm_refused(tmp_path: 
     assert got == messages
     push.close()
     pull.close()
+
+
+async def test_wait_readable_yields_when_input_is_already_waiting(tmp_path: Path) -> None:
+    # Under a steady stream a message is nearly always waiting again by the time the reader has
+    # drained the last one: if waiting on it returned without a checkpoint, the reader would hold
+    # the event loop (switchdb's handler, its replies) for as long as the stream lasted.
+    ep = endpoint(tmp_path)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.ROUTER)
+    raw.bind(ep)
+    router = ZmqSocket(raw)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(ep)
+    try:
+        assert router.recv_nowait() is None
+        dealer.send_multipart([b"1", b"PING"])
+        assert raw.poll(5000) == zmq.POLLIN  # waiting now, before the reader looks again
+        with trio.testing.assert_checkpoints():
+            await router.wait_readable()
+        assert router.recv_nowait() is not None
+    finally:
+        dealer.close(linger=0)
+        router.close()

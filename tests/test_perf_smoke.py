@@ -23,7 +23,7 @@ EXPECTED: dict[str, set[str]] = {
                  "audio_delta_production_us", "json_over_production", "forgery", "same_work_totals"},
     "usage": {"us_per_report", "list_over_totals", "retained_bytes_per_pending_report"},
     "switchdb": {"validate_and_load_ms", "record_usage", "record_usage_per_s_max", "ping_idle_ms",
-                 "ping_during_flood_ms", "worst_stall_ms"},
+                 "ping_steady_ms", "ping_saturated_ms", "ping_unanswered", "worst_stall_ms"},
     "connect": {"first_event_p50_ms", "first_event_p99_ms", "connects_per_side", "errors"},
     "relay": {"closed_loop", "pipelined", "realtime", "capacity", "floor", "workers"},
     "overload": {"max_sessions", "reference_rate", "storms", "rejection_cost", "graceful", "graceful_by_rate",
