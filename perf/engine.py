@@ -19,7 +19,7 @@ It runs, in one process:
   `response.output_audio.delta` of about the same size carrying the append's event_id, sends a
   transcript delta every `--transcript-every` appends and, every `--response-every` appends, a
   `response.done` with usage + `rate_limits.updated` + `response.created` (switchd's metering
-  path runs as in production).
+  path runs as in production), each session at its own phase of those periods.
 
 Patterns: realtime (`--rate` appends/s per client, phases spread evenly over one interval;
 latency from each frame's *scheduled* send time to its echo, so a late send counts: no
@@ -326,17 +326,39 @@ class Client(Conn):
         super().close()
 
 
+# Weyl's sequence: session k's phase is the fractional part of k·φ⁻¹, even for any number of sessions.
+_GOLDEN = (5**0.5 - 1) / 2
+
+
+def extra_phase(number: int, every: int) -> int:
+    """Session `number`'s shift (0 ≤ shift < every) of its transcript or response period.
+
+    Independent calls do not finish their responses together: without a shift, sessions that
+    began appending in the same 20 ms would all send their response.done in the same 20 ms,
+    every period, and the relay would meter a burst of them at once.
+    """
+    return int(number * _GOLDEN % 1.0 * every) if every > 0 else 0
+
+
+def next_due(extras: tuple[tuple[int, int], ...], n: int) -> int:
+    """The first append count after `n` at which one of `extras` ((every, shift), every 0: never) is due."""
+    due = [((n + shift) // every + 1) * every - shift for every, shift in extras if every > 0]
+    return min(due) if due else 1 << 62
+
+
 class Peer(Conn):
     """The provider's side of one session (switchd's upstream connection, or a direct client)."""
 
-    __slots__ = ("appends", "delta", "next_extra", "number", "resp", "responses", "state")
+    __slots__ = ("appends", "delta", "extras", "next_extra", "number", "resp", "responses", "state")
 
     def __init__(self, eng: Engine, sock: socket.socket, number: int) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.number, self.state, self.appends, self.responses = number, "head", 0, 0
+        # (every, shift) of the transcripts and of the responses: this session's phase in each period.
+        self.extras = tuple((e, extra_phase(number, e)) for e in (eng.cfg.transcript_every, eng.cfg.response_every))
         # The next append count at which a transcript or response is due (checked per append, computed rarely).
-        self.next_extra = min([e for e in (eng.cfg.transcript_every, eng.cfg.response_every) if e > 0] or [1 << 62])
+        self.next_extra = next_due(self.extras, 0)
         self.resp = events.response_id(number, 0)
         self.delta = DeltaTemplate(events.audio_delta_head(self.resp), eng.audio)
         super().__init__(eng, sock, _IN)
@@ -420,11 +442,11 @@ class Peer(Conn):
     def _extras(self, out: list[bytes]) -> None:
         """What a speaking provider sends besides audio: transcripts, and per response its usage."""
         eng, n = self.eng, self.appends
-        every = [e for e in (eng.cfg.transcript_every, eng.cfg.response_every) if e > 0]
-        self.next_extra = min((n // e + 1) * e for e in every) if every else 1 << 62
-        if eng.cfg.transcript_every and n % eng.cfg.transcript_every == 0:
+        (t_every, t_shift), (r_every, r_shift) = self.extras
+        self.next_extra = next_due(self.extras, n)
+        if t_every and (n + t_shift) % t_every == 0:
             out.append(server_frame(events.transcript_delta(self.resp, n).encode()))
-        if eng.cfg.response_every and n % eng.cfg.response_every == 0:
+        if r_every and (n + r_shift) % r_every == 0:
             out.append(server_frame(events.response_done(self.resp, self.responses).encode()))
             out.append(server_frame(events.RATE_LIMITS.encode()))
             self.responses += 1
