@@ -26,7 +26,12 @@ class Metrics:
     frames_out: int = 0  # upstream → client
     bytes_in: int = 0
     bytes_out: int = 0
-    relay_wakes: int = 0  # the pump's: frames relayed per wake says how well it batches
+    # Written by the pump's thread alone (the ones above by the Trio thread alone): no update is lost.
+    pump_frames_in: int = 0
+    pump_frames_out: int = 0
+    pump_bytes_in: int = 0
+    pump_bytes_out: int = 0
+    relay_wakes: int = 0  # frames relayed per wake says how well the pump batches
     tokens_metered: int = 0
     credit_cutoffs: int = 0
     upstream_reconnects: int = 0
@@ -50,9 +55,11 @@ class Metrics:
         metric("switch_sessions_total", "counter", "Client sessions accepted.", [("", self.sessions_total)])
         metric("switch_sessions_rejected_total", "counter", "Handshakes rejected.", [("", self.sessions_rejected)])
         metric("switch_frames_relayed_total", "counter", "Frames relayed.",
-               [('{direction="client_to_upstream"}', self.frames_in), ('{direction="upstream_to_client"}', self.frames_out)])
+               [('{direction="client_to_upstream"}', self.frames_in + self.pump_frames_in),
+                ('{direction="upstream_to_client"}', self.frames_out + self.pump_frames_out)])
         metric("switch_bytes_relayed_total", "counter", "Payload characters relayed.",
-               [('{direction="client_to_upstream"}', self.bytes_in), ('{direction="upstream_to_client"}', self.bytes_out)])
+               [('{direction="client_to_upstream"}', self.bytes_in + self.pump_bytes_in),
+                ('{direction="upstream_to_client"}', self.bytes_out + self.pump_bytes_out)])
         metric("switch_relay_wakes_total", "counter", "Wake-ups of the relay's pump (frames per wake: its batching).",
                [("", self.relay_wakes)])
         metric("switch_tokens_metered_total", "counter", "Tokens metered from provider usage reports.", [("", self.tokens_metered)])

@@ -3,14 +3,16 @@
 `receive()` returns a data message as (opcode, frame bytes, header size) so the relay can
 forward it untouched or read its payload; pings are answered here, a close is answered and
 raised as `Closed`. Writes from several tasks (relay, error events, pongs) take turns on a lock.
-A connection given a `Lane` lets the pump (switchd/pump.py) carry its plain frames while its
-reader waits for the next frame that is not plain.
+A connection given a `Lane` lets the pump (switchd/pump.py) carry its plain frames, from its own
+thread, while its reader waits for the next frame that is not plain; every write to such a
+connection then takes the pump's lock too.
 """
 from __future__ import annotations
 
 import base64
 import os
 import ssl
+from contextlib import AbstractContextManager, nullcontext
 from urllib.parse import urlsplit
 
 import trio
@@ -37,6 +39,7 @@ from switchd.ws_codec import (
 )
 
 RECEIVE_BYTES = 64 * 1024  # an 8 KB audio frame in one read
+_NO_LOCK = nullcontext()
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -73,7 +76,9 @@ class WsConnection:
         self.closed: Closed | None = None
         # Plain TCP (not TLS): read and write the socket's fd directly, the relay's fast path.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        self.lane: Lane | None = None  # set: the pump carries plain frames to lane.dest
+        self._lane: Lane | None = None  # set: the pump carries plain frames to lane.dest
+        # Taken for every write: the pump's lock once the pump's thread may write here too (a lane).
+        self._write_lock: AbstractContextManager[object] = _NO_LOCK
         self.observed: list[bytes] = []  # payloads the pump forwarded for the reader to read (lane.observe)
         self.last_data_at = trio.current_time()  # when the last data frame arrived
         self._data = bytes(buffer)  # received bytes; frames are slices of it (the whole of it, mostly)
@@ -178,43 +183,76 @@ class WsConnection:
             await self._send_close(1000 if code == 1005 else code, "")
             raise Closed(code, reason)
 
+    @property
+    def lane(self) -> Lane | None:
+        return self._lane
+
+    @lane.setter
+    def lane(self, lane: Lane | None) -> None:
+        # A connection given a lane may be written to by the pump's thread from then on (as the
+        # other direction's destination): every write takes the pump's lock, so none interleave.
+        if lane is not None:
+            self._write_lock = lane.pump.lock
+        self._lane = lane
+
+    def _write(self, data: bytes) -> int:
+        """What of `data` the socket took at once (0 when full); with the write lock held."""
+        if self.fd < 0:
+            raise trio.ClosedResourceError("closed")
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
     async def send_raw(self, frame: bytes) -> None:
         """Send frame bytes as they are (already masked as this side must send them)."""
         if self._close_sent:
             raise self.closed or Closed(1006, "closing")
         try:
-            if self.fd >= 0 and not self._lock.locked() and not self._owed:
-                # Fast path: the kernel takes the whole frame at once; no scheduling needed, since
-                # every receive yields.
-                try:
-                    sent = os.write(self.fd, frame)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(frame):
-                    return
-                frame = frame[sent:]
-                # The rest must follow before any other frame: take the lock without a checkpoint.
-                self._lock.acquire_nowait()
-                try:
-                    with trio.CancelScope(shield=True):  # half a frame would corrupt the stream
-                        await self.stream.send_all(frame)
-                finally:
-                    self._lock.release()
-                return
-            async with self._lock:
-                if self._owed:
-                    owed, self._owed = self._owed, b""
-                    with trio.CancelScope(shield=True):
-                        await self.stream.send_all(owed)
-                if frame:
+            if self.fd < 0:  # TLS: nothing else writes to it
+                async with self._lock:
                     await self.stream.send_all(frame)
+                return
+            if not self._lock.locked():
+                with self._write_lock:
+                    if not self._owed:
+                        # Fast path: the kernel takes the whole frame at once; no scheduling needed,
+                        # since every receive yields.
+                        sent = self._write(frame)
+                        if sent == len(frame):
+                            return
+                        if sent:
+                            self._owed, frame = frame[sent:], b""
+            async with self._lock:
+                await self._flush_owed()
+                while frame:  # nothing of it has gone yet: cancellable
+                    with self._write_lock:
+                        sent = self._write(frame)
+                        if sent:
+                            self._owed, frame = frame[sent:], b""
+                    if frame:
+                        await trio.lowlevel.wait_writable(self.fd)
+                await self._flush_owed()
         except _STREAM_ERRORS:
             self.closed = self.closed or Closed(1006, "connection lost")
             raise self.closed from None
 
+    async def _flush_owed(self) -> None:
+        """The rest of a part-written frame, before anything else (shielded: half a frame would corrupt the stream)."""
+        with trio.CancelScope(shield=True):
+            while True:
+                with self._write_lock:
+                    if not self._owed:
+                        return
+                    self._owed = self._owed[self._write(self._owed):]
+                    if not self._owed:
+                        return
+                await trio.lowlevel.wait_writable(self.fd)
+
     def forward_plain(self, lane: Lane, now: float) -> tuple[bool, int, int]:
         """The pump's step: read what the socket holds, write its complete plain frames on to lane.dest.
 
+        Runs in the pump's thread with its lock held, while this connection's reader is parked.
         Returns (hand back to the reader?, frames forwarded, their payload bytes). Everything up to
         the first frame that is not plain goes out in one write; that frame stays first in the
         buffer. The checks are a subset of parse_header's: anything they do not pass is left for it.
@@ -305,7 +343,8 @@ class WsConnection:
                 except Closed:
                     pass
         self.closed = self.closed or Closed(code, reason)
-        self.fd = -1  # the number may be reused at once: nothing may write to it any more
+        with self._write_lock:
+            self.fd = -1  # the number may be reused at once: nothing may write to it any more
         with trio.move_on_after(wait):
             await self.stream.aclose()
 

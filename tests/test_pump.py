@@ -4,13 +4,16 @@
 any mix of frames, any split into reads): the destination gets exactly the plain frames before
 the first one that is not plain, and nothing is lost or doubled; the frames it forwards for the
 reader to read later (transcript deltas) are kept in order, never more than MAX_OBSERVED. Then
-the pump task itself: handing back, part-written frames, a gone destination, cancellation.
+the pump's thread itself, against Trio tasks: handing back, part-written frames, writers that must
+not interleave, a gone destination, cancellation, gathering when busy.
 """
 from __future__ import annotations
 
 import select
 import socket
+import threading
 
+import outcome
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -184,13 +187,26 @@ async def test_reader_gets_the_first_frame_that_is_not_plain_and_order_holds() -
             nursery.start_soon(relay, src, dest, got, seen)
             feed.sendall(b"".join(before) + odd)
             await seen.wait()
-            feed.sendall(b"".join(after))  # the reader is back in the pump by now
+            feed.sendall(b"".join(after))
             received = await read_all(out, len(b"".join(before + [odd] + after)))
             nursery.cancel_scope.cancel()
     assert received == b"".join(before + [odd] + after)
     assert got == [OP_BINARY]  # the reader saw only the frame that was not plain
-    assert metrics.frames_in == 100 and metrics.bytes_in == sum(payload_size(f) for f in before + after)
+    # The pump's thread counts what it carried; the reader's frame is the session's to count.
+    assert metrics.pump_frames_in == 100 and metrics.pump_bytes_in == sum(payload_size(f) for f in before + after)
+    assert "client_to_upstream\"} 100" in metrics.render()
     assert not pump._parked  # the cancelled reader left the pump's epoll
+
+
+class OwedWatch(WsConnection):
+    """A destination that says when a reader came back to finish a frame the pump part-wrote."""
+
+    owed_flush = trio.Event()
+
+    async def send_raw(self, frame: bytes) -> None:
+        if not frame:
+            self.owed_flush.set()
+        await super().send_raw(frame)
 
 
 async def test_part_written_frame_is_finished_before_anything_else() -> None:
@@ -199,7 +215,9 @@ async def test_part_written_frame_is_finished_before_anything_else() -> None:
     dest_sock, out = socket.socketpair()
     dest_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     pump = Pump(Metrics())
-    src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
+    src = conn(src_sock, server=True)
+    dest = OwedWatch(trio.SocketStream(trio.socket.from_stdlib_socket(dest_sock)), b"", server=False, max_message=MAX)
+    dest.owed_flush = trio.Event()
     src.lane = Lane(pump, dest, 60_000, b"", inbound=True)
     frames = frames_of(40, 50_000)
     wire = b"".join(frames)
@@ -209,16 +227,123 @@ async def test_part_written_frame_is_finished_before_anything_else() -> None:
             await nursery.start(pump.run)
             nursery.start_soon(trio.SocketStream(trio.socket.from_stdlib_socket(feed)).send_all, wire)
             nursery.start_soon(relay, src, dest, [])
-            # Nobody reads `out` yet: a write stops part-way, and the rest waits under the lock.
+            # Nobody reads `out` yet: the pump's write stops part-way, it hands the reader back,
+            # and the reader waits to write the rest under the connection's lock.
+            await dest.owed_flush.wait()
             await trio.testing.wait_all_tasks_blocked()
-            assert dest._lock.locked()
+            assert dest._lock.locked() and dest._owed
             nursery.start_soon(dest.send_raw, ping)  # another writer must wait for the rest
             received = await read_all(out, len(wire) + len(ping))
             nursery.cancel_scope.cancel()
     # Every frame whole and in order, with the ping between two of them, never inside one.
     at = received.find(ping)
-    assert at >= 0 and received[:at] + received[at + len(ping) :] == wire
+    assert at > 0 and received[:at] + received[at + len(ping) :] == wire
     assert at % len(frames[0]) == 0
+
+
+def whole_frames(data: bytes, *, masked: bool) -> list[bytes]:
+    """Split a byte stream into frames with the codec's parser; every byte must belong to one."""
+    frames, pos = [], 0
+    while pos < len(data):
+        header = parse_header(data, pos, expect_masked=masked, max_length=MAX)
+        assert header is not None and pos + header.size + header.length <= len(data), "a frame was cut"
+        frames.append(data[pos : pos + header.size + header.length])
+        pos += header.size + header.length
+    return frames
+
+
+class OwnedLock:
+    """The pump's lock, knowing which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = None
+        self._lock.release()
+
+
+class CheckedWrites(WsConnection):
+    """A connection whose every write from Trio must be made holding the pump's lock."""
+
+    pump_lock: OwnedLock
+
+    def _write(self, data: bytes) -> int:
+        assert self.pump_lock.owner == threading.get_ident(), "a write without the pump's lock"
+        return super()._write(data)
+
+
+async def test_the_pump_thread_and_trio_writers_never_interleave_bytes() -> None:
+    """The pump forwards a client's frames to a destination that Trio tasks write to as well (error
+    events, pongs), through a small send buffer so writes stop part-way on both sides: every Trio
+    write holds the pump's lock, and every frame arrives whole, each writer's frames in order."""
+    feed, src_sock = socket.socketpair()
+    dest_sock, out = socket.socketpair()
+    dest_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    pump = Pump(Metrics())
+    pump.lock = OwnedLock()  # type: ignore[assignment]
+    src = conn(src_sock, server=True)
+    dest = CheckedWrites(trio.SocketStream(trio.socket.from_stdlib_socket(dest_sock)), b"", server=True,
+                         max_message=MAX)
+    dest.pump_lock = pump.lock
+    src.lane = Lane(pump, dest, LIMIT, b"", inbound=True)
+    dest.lane = Lane(pump, None, LIMIT, b"", inbound=False)  # as a session's client: the pump may write to it
+    pumped = [encode_frame(OP_TEXT, b"p%05d" % i + b"a" * 2500, mask=True) for i in range(400)]
+    written = [encode_frame(OP_TEXT, b"t%05d" % i + b"b" * 1800, mask=True) for i in range(400)]
+
+    async def write_all() -> None:
+        for frame in written:
+            await dest.send_raw(frame)
+
+    total = len(b"".join(pumped + written))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            nursery.start_soon(relay, src, dest, [])
+            nursery.start_soon(trio.SocketStream(trio.socket.from_stdlib_socket(feed)).send_all, b"".join(pumped))
+            nursery.start_soon(write_all)
+            received = await read_all(out, total)
+            nursery.cancel_scope.cancel()
+    frames = whole_frames(received, masked=True)
+    assert [f for f in frames if f in set(pumped)] == pumped
+    assert [f for f in frames if f in set(written)] == written
+    assert len(frames) == len(pumped) + len(written)
+
+
+async def test_a_reader_cancelled_after_the_pump_handed_it_back_is_not_woken_again() -> None:
+    """The pump's thread handed the reader back, then it was cancelled before Trio rescheduled it:
+    the cancellation wins, and the hand-back is dropped (rescheduling it would crash the run)."""
+    feed, src_sock = socket.socketpair()
+    pump = Pump(Metrics())
+    src = conn(src_sock, server=True)
+    lane = Lane(pump, None, LIMIT, b"", inbound=True)
+    cancelled = False
+
+    async def park(task_status: trio.TaskStatus[trio.lowlevel.Task]) -> None:
+        nonlocal cancelled
+        task_status.started(trio.lowlevel.current_task())
+        try:
+            await pump.carry(src, lane)
+        except trio.Cancelled:
+            cancelled = True
+            raise
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            task = await nursery.start(park)
+            await trio.testing.wait_all_tasks_blocked()
+            with pump.lock:  # what the pump's thread does when it hands back, without the poke
+                pump._hand_back(src.fd, task, outcome.Value(None))
+            assert not pump._parked and task in pump._handed
+            nursery.cancel_scope.cancel()
+    assert cancelled and not pump._handed and not pump._parked
+    pump._epoll.close()
+    feed.close()
 
 
 async def test_gone_destination_leaves_the_frames_to_the_reader() -> None:
@@ -247,39 +372,50 @@ async def test_gone_destination_leaves_the_frames_to_the_reader() -> None:
     pump._epoll.close()
 
 
-async def test_busy_pump_gathers_for_one_coalesce_and_a_lone_frame_never_waits(mock_clock: trio.testing.MockClock) -> None:
-    """Time moves only when the test says so: what went out before a jump did not wait."""
+async def test_busy_pump_gathers_for_one_coalesce_and_a_lone_frame_never_waits() -> None:
+    """The thread's gathering sleep is held by the test: what went out before it was let go did not wait."""
+    token = trio.lowlevel.current_trio_token()
+    gathering, let_go = trio.Event(), threading.Event()
+    sleeps: list[float] = []
+
+    def hold(seconds: float) -> None:  # the pump's thread, gathering
+        sleeps.append(seconds)
+        trio.from_thread.run_sync(gathering.set, trio_token=token)
+        let_go.wait()
+
     metrics = Metrics()
-    pump = Pump(metrics, coalesce=0.001)
+    pump = Pump(metrics, coalesce=0.001, sleep=hold)
     feeds, outs, srcs = [], [], []
     for _ in range(3):
         feed, src_sock = socket.socketpair()
         dest_sock, out = socket.socketpair()
-        out.setblocking(False)
         src, dest = conn(src_sock, server=True), conn(dest_sock, server=False)
         src.lane = Lane(pump, dest, LIMIT, b"", inbound=True)
         feeds.append(feed), outs.append(out), srcs.append((src, dest))
     one, two, three = frames_of(3, 10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pump.run)
-        for src, dest in srcs:
-            nursery.start_soon(relay, src, dest, [])
-        await trio.testing.wait_all_tasks_blocked()
-        feeds[0].sendall(one)  # a lone frame goes at once
-        await trio.testing.wait_all_tasks_blocked()
-        assert drain(outs[0]) == one and metrics.relay_wakes == 1
-        for feed in feeds:  # three ready at once: busy
-            feed.sendall(two)
-        await trio.testing.wait_all_tasks_blocked()
-        assert [drain(out) for out in outs] == [two] * 3
-        feeds[0].sendall(three)  # gathered until the coalesce is over
-        await trio.testing.wait_all_tasks_blocked()
-        assert drain(outs[0]) == b"" and metrics.relay_wakes == 2
-        mock_clock.jump(0.001)
-        await trio.testing.wait_all_tasks_blocked()
-        assert drain(outs[0]) == three and metrics.relay_wakes == 3
-        feeds[0].sendall(one)  # that wake found one ready: no longer busy, so no wait
-        await trio.testing.wait_all_tasks_blocked()
-        assert drain(outs[0]) == one and metrics.relay_wakes == 4
-        nursery.cancel_scope.cancel()
-    assert trio.current_time() == 0.001 and metrics.frames_in == 6
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            for src, dest in srcs:
+                nursery.start_soon(relay, src, dest, [])
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(pump._parked) == 3  # each reader parked on its first receive
+            feeds[0].sendall(one)  # a lone frame goes at once
+            assert await read_all(outs[0], len(one)) == one
+            assert metrics.relay_wakes == 1 and not sleeps
+            with pump.lock:  # three ready in one wake: busy (the thread serves them once we let go)
+                for feed in feeds:
+                    feed.sendall(two)
+            await gathering.wait()
+            assert [await read_all(out, len(two)) for out in outs] == [two] * 3
+            assert sleeps == [0.001] and metrics.relay_wakes == 2
+            feeds[0].sendall(three)  # gathered until the coalesce is over
+            assert drain(outs[0]) == b""
+            let_go.set()
+            assert await read_all(outs[0], len(three)) == three
+            assert metrics.relay_wakes == 3
+            feeds[0].sendall(one)  # that wake found one ready: no longer busy, so no wait
+            assert await read_all(outs[0], len(one)) == one
+            assert metrics.relay_wakes == 4 and sleeps == [0.001]
+            nursery.cancel_scope.cancel()
+    assert metrics.pump_frames_in == 6
