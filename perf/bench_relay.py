@@ -78,7 +78,7 @@ class Plan:
 
 PLANS = {
     # 150 is where the issue's target sits, so it is measured, not interpolated.
-    "full": Plan(2, 3.0, 3.0, (1, 50, 100, 150, 200, 300, 400), 6.0, 1.5, 150.0),
+    "full": Plan(3, 3.0, 3.0, (1, 50, 100, 150, 200, 300, 400), 6.0, 1.5, 150.0),
     "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50, wakeup_rounds=2000),
     "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, floor_sessions=2, wakeup_rounds=50, retry_failed=False),
 }
@@ -165,27 +165,52 @@ async def peer_process(env: Env, tmp: Path) -> AsyncIterator[str]:
         yield f"{peer.address}/v1/realtime"
 
 
+@asynccontextmanager
+async def bare_proxies(env: Env, tmp: Path, core: set[int] | None = None) -> AsyncIterator[dict[str, procs.Daemon]]:
+    """perf.floor's two bare TCP proxies to the peer's port: "floor" (Trio) and "threads" (blocking,
+    a thread per direction); pinned to `core` (switchd's place) when given."""
+    port = env.peer.getsockname()[1]
+    async with AsyncExitStack() as stack:
+        proxies = {}
+        for name, flags in (("floor", []), ("threads", ["--threads"])):
+            proxies[name] = await stack.enter_async_context(procs.daemon(
+                [sys.executable, "-m", "perf.floor", "--target-port", str(port), *flags],
+                procs.base_env(), tmp / f"{name}.log", cwd=tmp))
+            if core is not None:
+                procs.pin(proxies[name].pid, core)
+        yield proxies
+
+
+def _via(proxy: procs.Daemon, name: str) -> list[str]:
+    return ["--url", f"{proxy.address}/v1/realtime", "--key", name, "--session-prefix", name]
+
+
 async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
     """(a) The round trip through switchd against straight to the provider-like peer in a process of
     its own (the issue's "straight to the simulator": a client and a provider are two processes, so a
-    direct round trip wakes each once). Beside it, the engine playing both ends (it never sleeps) and
-    perf.wakeup (two processes bouncing 1 KB, no event loop), in every round."""
+    direct round trip wakes each once), and through the two bare proxies of perf.floor to the same
+    peer: what relaying alone adds in this place. Beside it, the engine playing both ends (it never
+    sleeps) and perf.wakeup (two processes bouncing 1 KB, no event loop), in every round."""
     common = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
               "--samples", *PLAIN_PEER]
-    runs: dict[str, list[int]] = {"direct": [], "through": [], "one_process_direct": [], "one_process_through": []}
+    runs: dict[str, list[int]] = {"direct": [], "through": [], "floor": [], "threads": [], "one_process_direct": [],
+                                  "one_process_through": []}
     wakeups = []
-    for r in range(plan.closed_rounds):
-        async with peer_process(env, tmp) as peer_url:
-            d = await engine(env, "--url", peer_url, "--no-peer", *common)
-            t = await engine(env, "--no-peer", *env.through(f"closed{r}"), *common)
+    async with bare_proxies(env, tmp) as proxies:
+        for r in range(plan.closed_rounds):
+            async with peer_process(env, tmp) as peer_url:
+                loops = {"direct": await engine(env, "--url", peer_url, "--no-peer", *common),
+                         "through": await engine(env, "--no-peer", *env.through(f"closed{r}"), *common)}
+                await quiesce(env.switchd)
+                for name, proxy in proxies.items():
+                    loops[name] = await engine(env, "--no-peer", *_via(proxy, name), *common)
+            loops["one_process_direct"] = await engine(env, "--direct", *common)
+            loops["one_process_through"] = await engine(env, *env.through(f"closed1p{r}"), *common)
             await quiesce(env.switchd)
-        d1 = await engine(env, "--direct", *common)
-        t1 = await engine(env, *env.through(f"closed1p{r}"), *common)
-        await quiesce(env.switchd)
-        # What wake-ups cost swings with the VM's neighbours: measured in every round, beside the loops.
-        wakeups.append(await wakeup_rtt(plan.wakeup_rounds))
-        for name, run in (("direct", d), ("through", t), ("one_process_direct", d1), ("one_process_through", t1)):
-            runs[name] += run["latency_us_samples"]
+            # What wake-ups cost swings with the VM's neighbours: measured in every round, beside the loops.
+            wakeups.append(await wakeup_rtt(plan.wakeup_rounds))
+            for name, run in loops.items():
+                runs[name] += run["latency_us_samples"]
     for samples in runs.values():
         samples.sort()
     out: dict[str, Any] = {"frame_bytes": 1024, "rounds": plan.closed_rounds,
@@ -194,6 +219,10 @@ async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
         dq, tq = percentile(runs["direct"], q) / 1000, percentile(runs["through"], q) / 1000
         out[f"p{q}_ms"] = {"direct": dq, "through": tq, "added": tq - dq, "ratio": ratio(tq, dq)}
     out["added_median_rtt_us"] = out["p50_ms"]["added"] * 1000
+    direct_p50 = percentile(runs["direct"], 50)
+    out["bare_proxies"] = {name: {"p50_ms": percentile(runs[name], 50) / 1000,
+                                  "added_p50_us": percentile(runs[name], 50) - direct_p50}
+                           for name in ("floor", "threads")}
     d1q, t1q = (percentile(runs[k], 50) for k in ("one_process_direct", "one_process_through"))
     # One engine playing both ends never sleeps between them: through a relay, the round trip
     # wakes a sleeping process four times instead of none.
@@ -326,18 +355,9 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path, core: set[int] | Non
     closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
               "--samples", *PLAIN_PEER]
     realtime = _realtime_args(plan, n)
-    port = env.peer.getsockname()[1]
     runs: dict[str, dict[str, Any]] = {}
-    async with AsyncExitStack() as proxies:
-        relays = []
-        for name, flags in (("floor", []), ("threads", ["--threads"])):
-            proxy = await proxies.enter_async_context(procs.daemon(
-                [sys.executable, "-m", "perf.floor", "--target-port", str(port), *flags],
-                procs.base_env(), tmp / f"{name}.log", cwd=tmp))
-            if core is not None:
-                procs.pin(proxy.pid, core)  # in switchd's place
-            relays.append((name, ["--url", f"{proxy.address}/v1/realtime", "--key", name, "--session-prefix", name],
-                           ["--watch", f"{name}={proxy.pid}"]))
+    async with bare_proxies(env, tmp, core) as proxies:  # in switchd's place
+        relays = [(name, _via(proxy, name), ["--watch", f"{name}={proxy.pid}"]) for name, proxy in proxies.items()]
         relays.append(("switchd", env.through("efloor"), _watch(env)))
         for name, via, watch in relays:
             c = await engine(env, *via, *closed)
@@ -464,6 +484,11 @@ def _print(r: dict[str, Any]) -> None:
          f"{fmt(c['added_median_rtt_us'], 0)} µs (×{fmt(c['added_over_two_wakeups'])}). With one engine playing both "
          f"ends (never sleeping direct): {fmt(one['direct_p50_ms'] * 1000, 0)} → {fmt(one['through_p50_ms'] * 1000, 0)} "
          f"µs, +{fmt(one['added_p50_us'], 0)}")
+    bare = c["bare_proxies"]
+    emit(f"The same loop through perf.floor's bare TCP proxies to the same peer (no WebSocket, no metering): "
+         f"blocking threads proxy p50 {fmt(bare['threads']['p50_ms'], 3)} ms "
+         f"(+{fmt(bare['threads']['added_p50_us'], 0)} µs), bare Trio proxy {fmt(bare['floor']['p50_ms'], 3)} ms (+{fmt(bare['floor']['added_p50_us'], 0)} µs), "
+         f"switchd +{fmt(c['added_median_rtt_us'], 0)} µs")
     f = r["pipelined"]
     sw = f["cpu"]["through"].get("switchd") or {}
     eng = f["cpu"]["through"].get("engine") or {}

@@ -76,6 +76,8 @@ def test_relay_points_are_complete_and_nothing_lost(results: Path) -> None:
     assert relay["closed_loop"]["two_wakeups_us"] == wakeup["rtt_us"]["p50"]
     # Both baselines ran: the peer in a process of its own (judged), and one engine playing both ends.
     assert relay["closed_loop"]["one_process"]["direct_p50_ms"] > 0
+    bare = relay["closed_loop"]["bare_proxies"]  # the same loop through each bare proxy
+    assert set(bare) == {"floor", "threads"} and all(p["p50_ms"] > 0 for p in bare.values())
     assert relay["placement"] in (None, {"under_test": [max(os.sched_getaffinity(0))],
                                          "load": sorted(os.sched_getaffinity(0))[:-1]})
     assert relay["pipelined"]["lost"] == {"direct": 0, "through": 0}
