@@ -487,7 +487,8 @@ def _print(r: dict[str, Any]) -> None:
     bare = c["bare_proxies"]
     emit(f"The same loop through perf.floor's bare TCP proxies to the same peer (no WebSocket, no metering): "
          f"blocking threads proxy p50 {fmt(bare['threads']['p50_ms'], 3)} ms "
-         f"(+{fmt(bare['threads']['added_p50_us'], 0)} µs), bare Trio proxy {fmt(bare['floor']['p50_ms'], 3)} ms (+{fmt(bare['floor']['added_p50_us'], 0)} µs), "
+         f"(+{fmt(bare['threads']['added_p50_us'], 0)} µs), bare Trio proxy {fmt(bare['floor']['p50_ms'], 3)} ms "
+         f"(+{fmt(bare['floor']['added_p50_us'], 0)} µs), "
          f"switchd +{fmt(c['added_median_rtt_us'], 0)} µs")
     f = r["pipelined"]
     sw = f["cpu"]["through"].get("switchd") or {}
