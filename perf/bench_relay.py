@@ -11,8 +11,9 @@ bench_connect and operators use.)
 
 (a) one session closed loop, ~1 KB frames, plain audio-delta echo: round trip p50/p99, direct
     meaning the clients' process straight to the peer in a process of its own (`--peer-only`),
-    beside what the two wake-ups any relay adds to it cost here (perf.wakeup, in the same rounds)
-    and the one-process figures (the engine playing both ends, which never sleeps direct);
+    beside the same loop through perf.floor's two bare proxies, what the two wake-ups any relay
+    adds to it cost here (perf.wakeup, in the same rounds) and the one-process figures (the
+    engine playing both ends, which never sleeps direct);
 (b) one session pipelined (64 frames in flight): frames/s;
 (c) N sessions at realtime rate (50 appends/s of 20 ms audio each; the peer answers each with an
     audio delta, a transcript delta every 10 appends, a response.done with usage every 3 s):
