@@ -238,7 +238,9 @@ class WsConnection:
             raise self.closed from None
 
     async def _flush_owed(self) -> None:
-        """The rest of a part-written frame, before anything else (shielded: half a frame would corrupt the stream)."""
+        """The rest of a part-written frame, before anything else.
+
+        Shielded: half a frame would corrupt the stream."""
         with trio.CancelScope(shield=True):
             while True:
                 with self._write_lock:

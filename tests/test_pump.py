@@ -201,7 +201,7 @@ async def test_reader_gets_the_first_frame_that_is_not_plain_and_order_holds() -
 class OwedWatch(WsConnection):
     """A destination that says when a reader came back to finish a frame the pump part-wrote."""
 
-    owed_flush = trio.Event()
+    owed_flush: trio.Event
 
     async def send_raw(self, frame: bytes) -> None:
         if not frame:
