@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from common import fastjson
 from common.usage import UsageTotals
+from switchd.inflight import WATCHED
 from switchd.transcript import AGENT_DELTAS, USER_COMPLETED, USER_DELTA
 
 AUDIO_DELTA_PREFIX: str = '{"type":"response.output_audio.delta"'  # upstream audio fast path
@@ -32,7 +33,7 @@ CLIENT_AUDIO_PREFIX: str = '{"type":"input_audio_buffer.append"'  # client audio
 RESPONSE_DONE = "response.done"
 USAGE_TYPES: frozenset[str] = frozenset({RESPONSE_DONE, USER_COMPLETED})
 TRANSCRIPT_TYPES: frozenset[str] = frozenset({USER_DELTA, USER_COMPLETED, *AGENT_DELTAS})
-ACTIONABLE: frozenset[str] = USAGE_TYPES | TRANSCRIPT_TYPES | {"session.updated", "session.created", "error"}
+ACTIONABLE: frozenset[str] = USAGE_TYPES | TRANSCRIPT_TYPES | WATCHED | {"session.updated", "session.created", "error"}
 
 _TYPE_FIRST = '{"type":"'
 _TYPE_AT = len(_TYPE_FIRST)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from common import fastjson
 from common.config import Settings
 from common.dbclient import DbClient
 from common.errors import ErrorCode, SwitchError
@@ -24,23 +25,29 @@ from common.wire import MessageType
 from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
-from switchd.metering import AUDIO_DELTA_PREFIX, OBSERVED_PREFIXES, USAGE_TYPES, meter, upstream_event
+from switchd.inflight import InFlight
+from switchd.metering import AUDIO_DELTA_PREFIX, CLIENT_AUDIO_PREFIX, OBSERVED_PREFIXES, USAGE_TYPES, meter, upstream_event
 from switchd.metrics import Metrics
 from switchd.pump import Lane, Pump
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
 from switchd.ws import Closed, ConnectError, WsConnection, connect
-from switchd.ws_codec import OP_BINARY, OP_TEXT, encode_frame
+from switchd.ws_codec import OP_BINARY, OP_TEXT, encode_frame, unmask
 
 log = logging.getLogger(__name__)
 
 AUDIO_DELTA = AUDIO_DELTA_PREFIX.encode()
+CLIENT_AUDIO = CLIENT_AUDIO_PREFIX.encode()
+RESPONSE_CREATE = b'"response.create"'
+RESPONSE_CANCEL = '{"type":"response.cancel"}'
 
 MAX_PENDING_FRAMES = 10_000
 CHECKPOINT_CHARS = 200
 UPSTREAM_MAX_MESSAGE = 32 * 1024 * 1024  # the provider's audio events reach 15 MiB
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 CLEANUP_S = 3.0
+# How long a session whose client left keeps reading the provider for the usage still owed.
+SETTLE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,9 @@ class Session:
         self.pending: deque[bytes] = deque()  # client frames (as masked bytes) waiting for an upstream
         self.log_extra = {"account": account_id, "session": params.session_id}
         self.done = trio.Event()  # set once cleanup has handed everything over
+        self.inflight = InFlight()
+        self.client_gone = trio.Event()
+        self._inflight_changed = trio.Event()
         # The client's plain frames go through the pump once there is an upstream to take them.
         client.lane = Lane(switch.pump, None, switch.settings.max_payload_length, b"", inbound=True)
 
@@ -84,7 +94,8 @@ class Session:
         self.switch.sessions[self.params.session_id] = self
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_client, nursery.cancel_scope)
+                nursery.start_soon(self._read_client)
+                nursery.start_soon(self._settle_after_client, nursery.cancel_scope)
                 nursery.start_soon(self._run_upstream, nursery.cancel_scope)
                 nursery.start_soon(run_batcher, self.ledger, self.switch.db)
                 nursery.start_soon(self._watch_shutdown)
@@ -141,27 +152,28 @@ class Session:
             await trio.sleep_until(deadline)
         raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
 
-    async def _read_client(self, done: trio.CancelScope) -> None:
+    async def _read_client(self) -> None:
         client, metrics = self.client, self.switch.metrics
         limit = self.switch.settings.max_payload_length
         while True:
             try:
                 opcode, frame, header = await client.receive()
             except Closed:
-                done.cancel()
+                self.client_gone.set()
                 return
             if opcode == OP_BINARY:
-                await client.send_text(error_event(
+                await self._to_client_text(error_event(
                     ErrorCode.EXTERNAL_BINARY_FRAME,
                     "Expected a text WebSocket message; binary frames are not supported.",
                 ))
                 continue
             size = len(frame) - header
             if size > limit:
-                await client.send_text(error_event(
+                await self._to_client_text(error_event(
                     ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {size} bytes exceeds the {limit}-byte limit."
                 ))
                 continue
+            self._note_request(frame, header)
             metrics.frames_in += 1
             metrics.bytes_in += size
             up = self.up
@@ -207,8 +219,8 @@ class Session:
                     with trio.CancelScope(shield=True):
                         await up.aclose(1000, "", wait=0)
             except Closed as exc:
-                if self.client.closed is not None:
-                    done.cancel()  # it was the client that went away, mid-relay
+                if self.client_gone.is_set():
+                    done.cancel()  # what was in flight went with this connection: nothing more will come
                     return
                 code, reason = exc.code, exc.reason
             except ConnectError as exc:
@@ -271,7 +283,7 @@ class Session:
             metrics.frames_out += 1
             metrics.bytes_out += len(frame) - header
             if opcode != OP_TEXT or frame.startswith(AUDIO_DELTA, header):
-                await client.send_raw(frame)  # unmasked from the provider: valid for the client as it stands
+                await self._to_client(frame)  # unmasked from the provider: valid for the client as it stands
                 continue
             try:
                 text = frame[header:].decode()
@@ -279,10 +291,11 @@ class Session:
                 text = ""  # not ours to judge: relayed as it came
             event = upstream_event(text) if text else None
             if event is None:
-                await client.send_raw(frame)
+                await self._to_client(frame)
                 continue
+            self.inflight.observe(event)
             if await self._act(event, text, reconnected):
-                await client.send_raw(frame)
+                await self._to_client(frame)
             if event["type"] in USAGE_TYPES:
                 tokens = meter(event, ledger.totals)
                 ledger.added(tokens)
@@ -291,6 +304,56 @@ class Session:
                     raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
             self.conversation.observe(event)
             await self._checkpoint()
+            self._inflight_changed.set()
+
+    async def _to_client(self, frame: bytes) -> None:
+        """Relay to the client while it is there; once it has gone, the session still reads the provider."""
+        if self.client_gone.is_set():
+            return
+        try:
+            await self.client.send_raw(frame)
+        except Closed:
+            self.client_gone.set()
+
+    async def _to_client_text(self, text: str) -> None:
+        await self._to_client(encode_frame(OP_TEXT, text.encode(), mask=False))
+
+    def _note_request(self, frame: bytes, header: int) -> None:
+        """Count the client's response.create: the provider bills that response even if the client leaves now."""
+        if len(frame) - header < len(CLIENT_AUDIO) + 4:
+            return
+        mask = frame[header - 4 : header]
+        if unmask(frame[header : header + len(CLIENT_AUDIO)], mask) == CLIENT_AUDIO:
+            return  # audio, the bulk of what clients send: never read past its first bytes
+        payload = unmask(frame[header:], mask)
+        if RESPONSE_CREATE in payload:
+            try:
+                event = fastjson.loads(payload.decode())
+            except (ValueError, RecursionError):  # not ours to judge: the provider answers it
+                return
+            if type(event) is dict and event.get("type") == "response.create":
+                self.inflight.requested()
+
+    async def _settle_after_client(self, done: trio.CancelScope) -> None:
+        """Once the client has gone, end the session when the provider has reported what it will bill.
+
+        A response in progress is cancelled (it stops sooner, and the provider still reports its usage
+        in response.done); transcriptions of committed audio are awaited. Bounded by SETTLE_S.
+        """
+        await self.client_gone.wait()
+        if not self.inflight.settled:
+            log.info("client left with a response or transcription in flight; settling", extra=self.log_extra)
+            up = self.up
+            if up is not None and (self.inflight.responses or self.inflight.expected):
+                try:
+                    await up.send_raw(encode_frame(OP_TEXT, RESPONSE_CANCEL.encode(), mask=True))
+                except Closed:
+                    pass
+            with trio.move_on_after(SETTLE_S):
+                while not self.inflight.settled:
+                    self._inflight_changed = trio.Event()
+                    await self._inflight_changed.wait()
+        done.cancel()
 
     async def _act(self, event: Mapping[str, object], frame: str, reconnected: bool) -> bool:
         """Act on a session event; False for the events a resumed client must not see."""

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from common.usage import UsageTotals
 from switchd import metering
+from switchd.inflight import WATCHED
 from switchd.metering import (
     ACTIONABLE,
     AUDIO_DELTA_PREFIX,
@@ -187,10 +188,13 @@ def test_response_created_with_response_done_in_metadata_is_not_metered() -> Non
         separators=(",", ":"),
     )
     assert '"type":"response.done"' in frame.replace("\\", "")
-    assert upstream_event(frame) is None
+    # Read (it marks a response in flight), never metered.
+    parsed = upstream_event(frame)
+    assert parsed is not None and parsed["type"] == "response.created"
+    assert meter(parsed, UsageTotals()) == 0
     # Even with the type key last, only the top-level type counts.
     event = {"response": {"metadata": {"type": DONE}, "usage": FORGED_USAGE}, "type": "response.created"}
-    assert upstream_event(json.dumps(event)) is None
+    assert upstream_event(json.dumps(event)) == event
     assert meter(event, UsageTotals()) == 0
 
 
@@ -313,7 +317,7 @@ def test_fast_paths_do_not_parse(monkeypatch: Any) -> None:
     monkeypatch.setattr(metering.fastjson, "loads", no_parsing)
     assert upstream_event(audio_delta(b"\0" * 9600)) is None
     assert upstream_event('{"type":"rate_limits.updated","rate_limits":[]}') is None
-    assert upstream_event('{"type":"response.created","response":{"metadata":{"type":"response.done"}}}') is None
+    assert upstream_event('{"type":"response.content_part.added","part":{"type":"response.done"}}') is None
     assert upstream_event('{"type":"response.output_audio.done","response_id":"resp_1"}') is None
 
 
@@ -347,7 +351,7 @@ def test_type_sets() -> None:
         "response.audio_transcript.delta",
         "response.text.delta",
     }
-    assert ACTIONABLE == USAGE_TYPES | TRANSCRIPT_TYPES | {"session.updated", "session.created", "error"}
+    assert ACTIONABLE == USAGE_TYPES | TRANSCRIPT_TYPES | WATCHED | {"session.updated", "session.created", "error"}
     assert not any(kind.startswith("response.output_audio.delta") for kind in ACTIONABLE)
     assert CLIENT_AUDIO_PREFIX == '{"type":"input_audio_buffer.append"'
     assert json.loads(AUDIO_DELTA_PREFIX + "}") == {"type": "response.output_audio.delta"}
