@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test perf clean
+.PHONY: install run test lint perf chaos clean
 
 install: $(STAMP)
 
@@ -20,8 +20,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Type check and lint the daemons and their shared package (configured in pyproject.toml).
+lint: install
+	$(BIN)/mypy switchd switchdb common
+	$(BIN)/ruff check switchd switchdb common
+
 perf: install
 	$(BIN)/python -m perf $(if $(QUICK),--quick,)
+
+# Kills and restarts the daemons at random under realtime sessions; fails if a token is lost or billed twice.
+chaos: install
+	$(BIN)/python -m perf.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info perf/results var

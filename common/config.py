@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+
+import attrs
 
 from common.errors import ErrorCode, SwitchError
 
@@ -16,36 +17,41 @@ DEFAULT_GEMINI_URL = "https://generativelanguage.googleapis.com/v1beta/models/ge
 Role = Literal["switchd", "switchdb", "cli"]
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Settings:
     zmq_socket_path: str = ""
     zmq_timeout_ms: int = 5000
     db_path: str = ""
+    db_url: str | None = None  # postgresql://…: the PostgreSQL store instead of SQLite at DB_PATH
     db_encryption_key: str | None = None
     openai_api_key: str | None = None
     upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_ca_file: str | None = None  # a CA bundle trusted for wss:// besides the system's
+    tls_cert_file: str | None = None  # with tls_key_file: switchd serves wss:// itself
+    tls_key_file: str | None = None
     gemini_api_key: str | None = None
     gemini_url: str = DEFAULT_GEMINI_URL
     host: str = "127.0.0.1"
     port: int = 3000
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     max_payload_length: int = 2 * 1024 * 1024
     idle_timeout: float = 120.0
     max_sessions: int = 0  # 0: no limit
-    relay_coalesce_ms: int = 1  # 0: the relay wakes for every frame, however busy
     shutdown_grace: float = 10.0
     workers: int = 1  # switchd processes sharing PORT (SO_REUSEPORT)
     spool_dir: str = "var/spool"
+    journal_fsync: str = "off"  # off, or batch: fsync the journal once per usage batch written
     log_level: str = "INFO"
     log_account: str | None = None
     log_format: str = "text"
 
     def __repr__(self) -> str:
         # Settings end up in tracebacks and debug logs; secrets must not.
-        secret = {"db_encryption_key", "openai_api_key", "gemini_api_key"}
+        secret = {"db_encryption_key", "openai_api_key", "gemini_api_key", "db_url"}
         shown = ", ".join(
-            f"{name}={'***' if name in secret and getattr(self, name) else repr(getattr(self, name))}"
-            for name in self.__dataclass_fields__
+            f"{f.name}={'***' if f.name in secret and getattr(self, f.name) else repr(getattr(self, f.name))}"
+            for f in attrs.fields(Settings)
         )
         return f"Settings({shown})"
 
@@ -70,12 +76,12 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def upstream_is_local(url: str) -> bool:
-    """A plain ws:// upstream on loopback is a simulator or test upstream: no provider key needed."""
+    """An upstream on loopback is a simulator or test upstream: no provider key needed."""
     parts = urlsplit(url)
-    return parts.scheme == "ws" and (parts.hostname or "") in {"127.0.0.1", "localhost", "::1"}
+    return parts.scheme in ("ws", "wss") and (parts.hostname or "") in {"127.0.0.1", "localhost", "::1"}
 
 
-_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS", "WORKERS", "RELAY_COALESCE_MS"}
+_INT_KEYS = {"ZMQ_TIMEOUT_MS", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "MAX_SESSIONS", "WORKERS"}
 _FLOAT_KEYS = {"IDLE_TIMEOUT", "SHUTDOWN_GRACE"}
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "switchd": ("ZMQ_SOCKET_PATH",),
@@ -91,6 +97,8 @@ def load_settings(
     env = {**read_env_file(env_file), **(os.environ if environ is None else environ)}
     env = {k: v for k, v in env.items() if v != ""}
     for key in _REQUIRED[role]:
+        if key == "DB_PATH" and "DB_URL" in env:
+            continue  # the PostgreSQL store: no file
         if key not in env:
             raise SwitchError(ErrorCode.INTERNAL_ENV_KEY_NOT_FOUND, f"missing required config key {key}")
     if role == "switchd" and "OPENAI_API_KEY" not in env and not upstream_is_local(
@@ -101,7 +109,7 @@ def load_settings(
             "missing required config key OPENAI_API_KEY (required unless UPSTREAM_URL is a local ws:// simulator)",
         )
     kwargs: dict[str, object] = {}
-    for name in Settings.__dataclass_fields__:
+    for name in attrs.fields_dict(Settings):
         key = name.upper()
         if key not in env:
             continue
@@ -118,8 +126,28 @@ def load_settings(
     settings = Settings(**kwargs)  # type: ignore[arg-type]
     if settings.workers < 1:
         raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key WORKERS must be at least 1")
-    if not 0 <= settings.relay_coalesce_ms <= 20:  # past one 20 ms audio frame it is no longer batching
-        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key RELAY_COALESCE_MS must be 0 to 20")
     if settings.log_format not in ("text", "json"):
         raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key LOG_FORMAT must be text or json")
+    for key, port in (("PORT", settings.port), ("METRICS_PORT", settings.metrics_port)):
+        if not 0 <= port <= 65535:  # the kernel would take it modulo 65536 and bind another port
+            raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, f"config key {key} must be 0 to 65535, not {port}")
+    if role == "switchd":
+        _check_upstream_url(settings.upstream_url)
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config keys TLS_CERT_FILE and TLS_KEY_FILE go together")
     return settings
+
+
+def _check_upstream_url(url: str) -> None:
+    """A provider URL that could never be dialled is a start-up error, not a 1011 per session."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key UPSTREAM_URL must be a ws:// or wss:// URL")
+    if not parts.hostname:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key UPSTREAM_URL has no host")
+    try:
+        port = parts.port  # raises for a port that is not a number or past 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key UPSTREAM_URL has a bad port (1 to 65535)")

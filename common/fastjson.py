@@ -7,9 +7,11 @@ a parse counts: switchd's metering path and switchdb's usage batches.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-_scan_once = json.JSONDecoder().scan_once
+# scan_once is set on each decoder instance by json's C module, so typeshed does not declare it.
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def loads(text: str) -> Any:

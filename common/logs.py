@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """C0/C1 control characters (ESC, BEL, CR, LF, ...) as \\xNN: a line of the log stays one line
+    and cannot drive the terminal that shows it."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
 class _LevelOrAccount(logging.Filter):
@@ -21,6 +30,14 @@ class _LevelOrAccount(logging.Filter):
         if record.levelno >= self.level:
             return True
         return self.account is not None and getattr(record, "account", None) == self.account
+
+
+class TextFormatter(logging.Formatter):
+    """The message escaped (whatever a client put in it); a traceback below it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +63,7 @@ def setup_logging(level: str = "INFO", account: str | None = None, fmt: str = "t
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_LevelOrAccount(threshold, account))
     handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

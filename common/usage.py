@@ -3,6 +3,20 @@
 switchd adds each provider report into a `UsageTotals` (no per-report objects are kept) and
 sends `to_json()`; switchdb reads it back with `UsageTotals.from_json`, which refuses anything
 that is not a non-negative integer count.
+
+Beside the provider's own counts, the totals keep what an exact price needs (common/pricing.py):
+cached input per modality, transcription tokens by type, transcribed audio in whole
+milliseconds (integers add exactly; the float seconds do not), and the transcription model.
+Each report is attributed as it is added, so every token it bills is in exactly one priced type
+and the cost of a batch is the sum of its reports' costs:
+- input or output the details leave unattributed is text (the provider's catch-all; reasoning
+  tokens are reported inside output text), and cached tokens given without a per-modality split
+  are taken from text, then image, then audio: the smallest discount first, so the bill is never
+  below the provider's;
+- transcription input beyond its text is audio, and a total above its parts is audio too.
+The JSON carries these as extra keys written only when not zero, so a batch without them keeps
+the original layout. A batch written before they existed reads them as 0; its price
+(`common.pricing.breakdown`) attributes what they would have held by the same rules.
 """
 from __future__ import annotations
 
@@ -10,6 +24,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from decimal import Decimal
 
 from common import fastjson
 from common.errors import ErrorCode, SwitchError
@@ -26,12 +41,25 @@ def _seconds(value: object) -> float | None:
     if type(value) is not int and type(value) is not float:
         return None
     try:
-        seconds = float(value)  # type: ignore[arg-type]
+        seconds = float(value)
     except OverflowError:
         return None
     return seconds if 0 <= seconds < math.inf else None
 
 
+def duration_ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, rounded up, from the float's shortest decimal form (0.1 → 100, not 101)."""
+    return math.ceil(Decimal(repr(seconds)) * 1000) if seconds else 0
+
+
+def attribute_cached(cached: int, text: int, image: int, audio: int) -> tuple[int, int, int]:
+    """(text, audio, image) parts of a cached count that does not say its modalities."""
+    in_text = min(cached, text)
+    in_image = min(cached - in_text, image)
+    return in_text, min(cached - in_text - in_image, audio), in_image
+
+
+MAX_MODEL_NAME = 128
 _NO_DETAILS: dict[str, object] = {}
 
 
@@ -44,7 +72,8 @@ def _loads(text: str) -> object:
 
 
 def _read_strictly(data: dict[str, object]) -> tuple[list[int], float]:
-    """(the counts in field order, then reports and total_tokens; seconds), or INTERNAL_BAD_USAGE naming the first bad part."""
+    """(the counts in field order, then reports and total_tokens; seconds), or INTERNAL_BAD_USAGE
+    naming the first bad part."""
 
     def count(obj: Mapping[str, object], key: str) -> int:
         value = obj.get(key, 0)
@@ -88,6 +117,14 @@ class UsageTotals:
     transcription_tokens: int = 0
     transcription_seconds: float = 0.0
     reports: int = 0
+    input_cached_text: int = 0  # parts of input_cached, which is their sum
+    input_cached_audio: int = 0
+    input_cached_image: int = 0
+    transcription_text: int = 0  # transcription tokens by type: input text, input audio, output
+    transcription_audio: int = 0
+    transcription_output: int = 0
+    transcription_ms: int = 0  # each duration report rounded up to the millisecond
+    transcription_model: str = ""  # what priced the transcription; "" when switchd did not learn it
 
     @property
     def tokens(self) -> int:
@@ -99,16 +136,33 @@ class UsageTotals:
         inp, out = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
         self.input_tokens += inp
         self.output_tokens += out
+        text = audio = image = cached = 0
+        split: object = None
         details = usage.get("input_token_details")
         if isinstance(details, Mapping):
-            self.input_text += _count(details.get("text_tokens"))
-            self.input_audio += _count(details.get("audio_tokens"))
-            self.input_image += _count(details.get("image_tokens"))
-            self.input_cached += _count(details.get("cached_tokens"))
+            text, audio = _count(details.get("text_tokens")), _count(details.get("audio_tokens"))
+            image, cached = _count(details.get("image_tokens")), _count(details.get("cached_tokens"))
+            split = details.get("cached_tokens_details")
+        text += max(0, inp - text - audio - image)
+        if isinstance(split, Mapping):
+            cached_text = min(_count(split.get("text_tokens")), text)
+            cached_audio = min(_count(split.get("audio_tokens")), audio)
+            cached_image = min(_count(split.get("image_tokens")), image)
+        else:
+            cached_text, cached_audio, cached_image = attribute_cached(cached, text, image, audio)
+        self.input_text += text
+        self.input_audio += audio
+        self.input_image += image
+        self.input_cached += cached_text + cached_audio + cached_image
+        self.input_cached_text += cached_text
+        self.input_cached_audio += cached_audio
+        self.input_cached_image += cached_image
+        text = audio = 0
         details = usage.get("output_token_details")
         if isinstance(details, Mapping):
-            self.output_text += _count(details.get("text_tokens"))
-            self.output_audio += _count(details.get("audio_tokens"))
+            text, audio = _count(details.get("text_tokens")), _count(details.get("audio_tokens"))
+        self.output_text += text + max(0, out - text - audio)
+        self.output_audio += audio
         self.reports += 1
         return inp + out
 
@@ -116,38 +170,65 @@ class UsageTotals:
         """Add an input-transcription usage block; a duration report is kept in seconds and deducts nothing."""
         self.reports += 1
         if usage.get("type") == "duration":
-            self.transcription_seconds += _seconds(usage.get("seconds")) or 0.0
+            seconds = _seconds(usage.get("seconds")) or 0.0
+            self.transcription_seconds += seconds
+            self.transcription_ms += duration_ms(seconds)
             return 0
-        total = _count(usage.get("total_tokens"))
-        if not total:
-            total = _count(usage.get("input_tokens")) + _count(usage.get("output_tokens"))
+        inp, out = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+        total = _count(usage.get("total_tokens")) or inp + out
+        text = audio = 0
+        details = usage.get("input_token_details")
+        if isinstance(details, Mapping):
+            text, audio = _count(details.get("text_tokens")), _count(details.get("audio_tokens"))
+        audio = max(audio, inp - text)
+        audio += max(0, total - text - audio - out)
         self.transcription_tokens += total
+        self.transcription_text += text
+        self.transcription_audio += audio
+        self.transcription_output += out
         return total
 
     def merge(self, other: UsageTotals) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.name != "transcription_model":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.transcription_model = self.transcription_model or other.transcription_model
 
     def to_json(self) -> str:
-        """The batch in the provider's usage shape (SPEC section 8)."""
-        return json.dumps(
-            {
-                "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens,
-                "total_tokens": self.tokens,
-                "input_token_details": {
-                    "text_tokens": self.input_text,
-                    "audio_tokens": self.input_audio,
-                    "image_tokens": self.input_image,
-                    "cached_tokens": self.input_cached,
-                },
-                "output_token_details": {"text_tokens": self.output_text, "audio_tokens": self.output_audio},
-                "transcription_tokens": self.transcription_tokens,
-                "transcription_seconds": self.transcription_seconds,
-                "reports": self.reports,
-            },
-            separators=(",", ":"),
-        )
+        """The batch in the provider's usage shape (SPEC section 8), and the extra keys when not zero."""
+        inp: dict[str, object] = {
+            "text_tokens": self.input_text,
+            "audio_tokens": self.input_audio,
+            "image_tokens": self.input_image,
+            "cached_tokens": self.input_cached,
+        }
+        if self.input_cached_text or self.input_cached_audio or self.input_cached_image:
+            inp["cached_tokens_details"] = {
+                "text_tokens": self.input_cached_text,
+                "audio_tokens": self.input_cached_audio,
+                "image_tokens": self.input_cached_image,
+            }
+        data: dict[str, object] = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.tokens,
+            "input_token_details": inp,
+            "output_token_details": {"text_tokens": self.output_text, "audio_tokens": self.output_audio},
+            "transcription_tokens": self.transcription_tokens,
+            "transcription_seconds": self.transcription_seconds,
+            "reports": self.reports,
+        }
+        if self.transcription_text or self.transcription_audio or self.transcription_output:
+            data["transcription_token_details"] = {
+                "text_tokens": self.transcription_text,
+                "audio_tokens": self.transcription_audio,
+                "output_tokens": self.transcription_output,
+            }
+        if self.transcription_ms:
+            data["transcription_ms"] = self.transcription_ms
+        if self.transcription_model:
+            data["transcription_model"] = self.transcription_model
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> UsageTotals:
@@ -172,9 +253,47 @@ class UsageTotals:
                 if type(value) is not int or value < 0:
                     break
             else:
-                return cls(*values[:9], seconds, values[9])
+                return _read_extra(cls(*values[:9], seconds, values[9]), data, inp)
         counts, seconds = _read_strictly(data)
-        return cls(*counts[:9], seconds, counts[9])
+        totals = cls(*counts[:9], seconds, counts[9])  # type: ignore[arg-type, call-arg]
+        return _read_extra(totals, data, data.get("input_token_details"))
 
-    def as_dict(self) -> dict[str, int | float]:
+    def as_dict(self) -> dict[str, int | float | str]:
         return asdict(self)
+
+
+def _read_extra(totals: UsageTotals, data: dict[str, object], inp: object) -> UsageTotals:
+    """`totals` with the extra keys read strictly (absent: 0, as a batch written before they existed)."""
+
+    def counts(obj: object, name: str, keys: tuple[str, ...]) -> tuple[int, int, int]:
+        if obj is None:
+            return (0, 0, 0)
+        if type(obj) is not dict:
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {name} must be an object")
+        values = tuple(obj.get(key, 0) for key in keys)
+        if any(type(value) is not int or value < 0 for value in values):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"usage {name} counts must be non-negative integers")
+        return values
+
+    t = totals
+    split = counts(inp.get("cached_tokens_details") if type(inp) is dict else None, "cached_tokens_details",
+                   ("text_tokens", "audio_tokens", "image_tokens"))
+    if split[0] > t.input_text or split[1] > t.input_audio or split[2] > t.input_image:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage cached_tokens_details exceed their modality's tokens")
+    t.input_cached_text, t.input_cached_audio, t.input_cached_image = split
+    t.transcription_text, t.transcription_audio, t.transcription_output = counts(
+        data.get("transcription_token_details"), "transcription_token_details",
+        ("text_tokens", "audio_tokens", "output_tokens"),
+    )
+    ms = data.get("transcription_ms", 0)
+    if type(ms) is not int or ms < 0:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage transcription_ms must be a non-negative integer")
+    t.transcription_ms = ms
+    model = data.get("transcription_model", "")
+    if type(model) is not str or len(model) > MAX_MODEL_NAME:
+        raise SwitchError(
+            ErrorCode.INTERNAL_BAD_USAGE,
+            f"usage transcription_model must be text of at most {MAX_MODEL_NAME} characters",
+        )
+    t.transcription_model = model
+    return t

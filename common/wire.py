@@ -24,6 +24,9 @@ class MessageType(StrEnum):
     SAVE_SESSION = "SAVE_SESSION"
     APPEND_CONVERSATION = "APPEND_CONVERSATION"
     PING = "PING"
+    # Client secrets (issue 17): mint one for a key; read a usable one's session config.
+    MINT_SECRET = "MINT_SECRET"
+    SECRET_CONFIG = "SECRET_CONFIG"
 
 
 ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
@@ -33,6 +36,8 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.SAVE_SESSION: ("account_id", "session_id", "session_updated_json"),
     MessageType.APPEND_CONVERSATION: ("account_id", "session_id", "text"),
     MessageType.PING: (),
+    MessageType.MINT_SECRET: ("api_key", "seconds", "session_json"),
+    MessageType.SECRET_CONFIG: ("secret",),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
 # Looked up per message: a dict is several times cheaper than calling the enum.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from types import MethodType
+from typing import cast
 
 import trio
 import zmq
@@ -34,7 +35,7 @@ _EVENTS = zmq.EVENTS
 class ZmqSocket:
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
-        self._fd: int = sock.getsockopt(zmq.FD)
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._parked: trio.CancelScope | None = None
         self._writable = trio.lowlevel.ParkingLot()
         self._recv = sock.recv
@@ -64,7 +65,7 @@ class ZmqSocket:
         waiting again, and a reader that never yielded would hold the event loop for as long
         as the stream lasts.
         """
-        events = self.sock.getsockopt(_EVENTS)
+        events = cast(int, self.sock.getsockopt(_EVENTS))
         if events & _POLLOUT and self._writable:
             self._writable.unpark_all()
         if events & _POLLIN:
@@ -101,7 +102,7 @@ class ZmqSocket:
         return True
 
     def _wake_parked_reader(self) -> None:
-        if self._parked is not None and self.sock.getsockopt(_EVENTS) & _POLLIN:
+        if self._parked is not None and cast(int, self.sock.getsockopt(_EVENTS)) & _POLLIN:
             self._parked.cancel()
 
     def send_nowait(self, frames: Sequence[bytes]) -> bool:

@@ -1,8 +1,10 @@
 """`python -m perf [--quick | --smoke] [--only NAME ...] [--results-dir DIR]`: the benchmark suite.
 
 Runs each benchmark, prints its tables, writes `<results-dir>/<name>.json` (machine, versions,
-commit, results), then prints and writes the summary of the issue's targets. A benchmark that
-fails is reported (and the exit status is 1) but does not stop the others.
+commit, results), then prints and writes the summary of the issue's targets, and last renders
+every result file of the directory as Markdown (perf.results): perf/RESULTS.md for the default
+directory, `<results-dir>/RESULTS.md` for any other. A benchmark that fails is reported (and the
+exit status is 1) but does not stop the others.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from perf import bench_connect, bench_metering, bench_overload, bench_relay, bench_switchdb, bench_usage, targets
+from perf import results as markdown_results
 from perf.report import DEFAULT_RESULTS, emit, envelope, write_json
 
 Bench = Callable[[str], tuple[dict[str, Any], list[str]]]
@@ -69,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     write_json(args.results_dir, "summary",
                envelope("summary", mode, suite_started, {"targets": rows, "failed": failed}, summary_notes))
-    emit(f"\nsuite: {time.time() - suite_started:.1f} s; results in {args.results_dir}"
+    markdown = markdown_results.write(args.results_dir, markdown_results.DEFAULT_OUT
+                                      if args.results_dir == DEFAULT_RESULTS else args.results_dir / "RESULTS.md")
+    emit(f"\nsuite: {time.time() - suite_started:.1f} s; results in {args.results_dir}, {markdown}"
          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.usage import UsageTotals
+from common.usage import UsageTotals, attribute_cached
 from perf import frames as fr
 from perf.report import emit, ratio, table
 from switchd.metering import meter, upstream_event
@@ -84,6 +84,12 @@ def _number_after(f: str, key: str, start: int = 0) -> tuple[int, int]:
     return (int(m.group()) if m else 0), at
 
 
+def _found(f: str, key: str, start: int = 0) -> int:
+    """The position just after `key` at or after start, or -1."""
+    at = f.find(key, start)
+    return at + len(key) if at >= 0 else -1
+
+
 def scan_frame(f: str, totals: UsageTotals) -> None:
     if _DONE in f:
         inp, found = _number_after(f, '"input_tokens":')
@@ -93,16 +99,45 @@ def scan_frame(f: str, totals: UsageTotals) -> None:
         totals.input_tokens += inp
         totals.output_tokens += out
         _, d = _number_after(f, '"input_token_details":')
-        totals.input_text += _number_after(f, '"text_tokens":', d)[0]
-        totals.input_audio += _number_after(f, '"audio_tokens":', d)[0]
-        totals.input_image += _number_after(f, '"image_tokens":', d)[0]
-        totals.input_cached += _number_after(f, '"cached_tokens":', d)[0]
+        text = _number_after(f, '"text_tokens":', d)[0]
+        audio = _number_after(f, '"audio_tokens":', d)[0]
+        image = _number_after(f, '"image_tokens":', d)[0]
+        cached = _number_after(f, '"cached_tokens":', d)[0]
+        text += max(0, inp - text - audio - image)  # what the details leave out is text, as production counts it
+        split = _found(f, '"cached_tokens_details":', d)
+        if split >= 0:
+            parts = (min(_number_after(f, '"text_tokens":', split)[0], text),
+                     min(_number_after(f, '"audio_tokens":', split)[0], audio),
+                     min(_number_after(f, '"image_tokens":', split)[0], image))
+        else:
+            in_text, in_audio, in_image = attribute_cached(cached, text, image, audio)
+            parts = (in_text, in_audio, in_image)
+        totals.input_text += text
+        totals.input_audio += audio
+        totals.input_image += image
+        totals.input_cached += sum(parts)
+        totals.input_cached_text += parts[0]
+        totals.input_cached_audio += parts[1]
+        totals.input_cached_image += parts[2]
         _, o = _number_after(f, '"output_token_details":')
-        totals.output_text += _number_after(f, '"text_tokens":', o)[0]
-        totals.output_audio += _number_after(f, '"audio_tokens":', o)[0]
+        out_text = _number_after(f, '"text_tokens":', o)[0]
+        out_audio = _number_after(f, '"audio_tokens":', o)[0]
+        totals.output_text += out_text + max(0, out - out_text - out_audio)
+        totals.output_audio += out_audio
         totals.reports += 1
     elif _TRANSCRIBED in f:
-        totals.transcription_tokens += _number_after(f, '"total_tokens":')[0]
+        inp = _number_after(f, '"input_tokens":')[0]
+        out = _number_after(f, '"output_tokens":')[0]
+        total = _number_after(f, '"total_tokens":')[0] or inp + out
+        _, d = _number_after(f, '"input_token_details":')
+        text = _number_after(f, '"text_tokens":', d)[0] if d else 0
+        audio = _number_after(f, '"audio_tokens":', d)[0] if d else 0
+        audio = max(audio, inp - text)
+        audio += max(0, total - text - audio - out)
+        totals.transcription_tokens += total
+        totals.transcription_text += text
+        totals.transcription_audio += audio
+        totals.transcription_output += out
         totals.reports += 1
 
 

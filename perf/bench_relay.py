@@ -9,18 +9,29 @@ back to back. (perf.load and perf.upstream, on trio-websocket, cost as much CPU 
 switchd: with them the machine, not switchd, set the capacity. perf.load is still what
 bench_connect and operators use.)
 
+Every benchmark below runs twice, each time against its own switchd: with the provider over TLS
+(`wss://`, a certificate made at run time by perf.tls and trusted through UPSTREAM_CA_FILE, as in
+production: the headline figures), then over plain `ws://`. Clients speak plain ws:// to switchd
+(as behind a load balancer); "direct" clients speak to the provider as the provider is served
+(TLS on the TLS path). The bare TCP proxies pass the client's TLS through end to end; the
+asyncio + websockets relay (perf.floor) takes plain ws:// and connects upstream like switchd.
+
 (a) one session closed loop, ~1 KB frames, plain audio-delta echo: round trip p50/p99, direct
     meaning the clients' process straight to the peer in a process of its own (`--peer-only`),
-    beside the same loop through perf.floor's two bare proxies, what the two wake-ups any relay
-    adds to it cost here (perf.wakeup, in the same rounds) and the one-process figures (the
-    engine playing both ends, which never sleeps direct);
-(b) one session pipelined (64 frames in flight): frames/s;
+    beside the same loop through perf.floor's relays (the asyncio + websockets relay is the bar
+    switchd must beat), what the two wake-ups any relay adds to it cost here (perf.wakeup, in
+    the same rounds) and the one-process figures (the engine playing both ends, which never
+    sleeps direct);
+(b) one session pipelined (256 frames in flight): frames/s, direct, through switchd and through
+    each of perf.floor's relays;
 (c) N sessions at realtime rate (50 appends/s of 20 ms audio each; the peer answers each with an
     audio delta, a transcript delta every 10 appends, a response.done with usage every 3 s):
     added latency p50/p99/p99.9, frames lost, switchd CPU (% of one core, µs per relayed
     message, user and system apart), the engine's own CPU and the machine's busy cores;
 (d) capacity: the most realtime sessions with p99 added ≤ 5 ms, p99.9 added ≤ 20 ms and nothing
-    lost — the (c) points, then bisection between the last pass and the first fail, bounded in time.
+    lost — the (c) points, then bisection between the last pass and the first fail, bounded in time;
+(e) switchd beside perf.floor's relays in the same place (its dedicated core), N realtime sessions;
+(f) WORKERS=2 on one port.
 
 The machine has 2 cores shared by the engine, switchd (and switchdb, and whatever else runs):
 every (c)/(d) row carries all their CPU so contention is visible.
@@ -41,10 +52,16 @@ from typing import Any
 
 import trio
 
-from perf import procs
+from common.config import Settings
+from perf import memory, procs
 from perf.report import emit, fmt, percentile, ratio, table
+from perf.tls import TlsFiles, make_certs
 
 P99_ADDED_LIMIT_MS = 5.0
+PIPELINE_WINDOW = 256
+TARGET_SESSIONS = 150  # the issue's realtime sessions per process
+# The headline first: production's provider is always wss://.
+UPSTREAMS = ("tls", "plain")
 # (f): switchd processes sharing one port; two, as this machine has two cores.
 WORKERS = 2
 P999_ADDED_LIMIT_MS = 20.0
@@ -75,35 +92,64 @@ class Plan:
     floor_sessions: int = 150
     wakeup_rounds: int = 5000
     retry_failed: bool = True  # off in smoke: that run only checks the fields, and must stay short
+    driven_warmup: float = 0.3  # (a), (b), (e): seconds sent before the closed loop or the flood is measured
+    # Smoke runs every stage on the TLS path (the headline) but only (a) and (c) on the plain one:
+    # the stages share their code, and the suite must stay short.
+    plain_full: bool = True
+    memory_sessions: int = 50
 
 
 PLANS = {
     # 150 is where the issue's target sits, so it is measured, not interpolated.
     "full": Plan(3, 3.0, 3.0, (1, 50, 100, 150, 200, 300, 400), 6.0, 1.5, 150.0),
-    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50, wakeup_rounds=2000),
-    "smoke": Plan(1, 0.5, 0.5, (2,), 1.0, 0.3, 0.0, floor_sessions=2, wakeup_rounds=50, retry_failed=False),
+    "quick": Plan(1, 2.0, 2.0, (1, 50, 150), 3.0, 1.0, 30.0, floor_sessions=50, wakeup_rounds=2000,
+                  memory_sessions=20),
+    "smoke": Plan(1, 0.3, 0.3, (2,), 0.6, 0.2, 0.0, floor_sessions=2, wakeup_rounds=50, retry_failed=False,
+                  driven_warmup=0.1, plain_full=False, memory_sessions=2),
 }
 
 
 class Env:
     """The running processes, the peer's listening socket, and how to reach them."""
 
-    def __init__(self, stack: procs.Stack, key: str, peer: socket.socket, switchd: procs.Daemon) -> None:
-        self.stack, self.key, self.peer, self.switchd = stack, key, peer, switchd
+    def __init__(self, stack: procs.Stack, key: str, peer: socket.socket, switchd: procs.Daemon,
+                 tls: TlsFiles | None = None) -> None:
+        self.stack, self.key, self.peer, self.switchd, self.tls = stack, key, peer, switchd, tls
 
     def through(self, prefix: str) -> list[str]:
         return ["--url", f"{self.switchd.address}/v1/realtime", "--key", self.key, "--session-prefix", prefix]
 
+    def upstream_url(self) -> str:
+        return upstream_url(self.peer, self.tls)
+
+    def peer_args(self) -> list[str]:
+        """perf.engine's TLS flags on the TLS path: the peer serves TLS, clients trust its CA."""
+        return [] if self.tls is None else self.tls.peer_args()
+
+    def switchd_env(self) -> dict[str, str]:
+        return switchd_upstream_env(self.tls)
+
+
+def upstream_url(peer: socket.socket, tls: TlsFiles | None) -> str:
+    """switchd's UPSTREAM_URL: the peer's socket, wss:// on the TLS path."""
+    host, port = peer.getsockname()[:2]
+    return f"{'ws' if tls is None else 'wss'}://{host}:{port}/v1/realtime?model=gpt-realtime"
+
+
+def switchd_upstream_env(tls: TlsFiles | None) -> dict[str, str]:
+    # A wss:// upstream needs a provider key; the benchmark's peer accepts any.
+    return {} if tls is None else {"OPENAI_API_KEY": "sk-perf-peer-accepts-any", **tls.trust_env()}
+
 
 @asynccontextmanager
-async def open_env(tmp: Path, peer: socket.socket, **switchd_env: str) -> AsyncIterator[Env]:
-    """switchdb with an account, and switchd relaying to the engine's peer socket."""
+async def open_env(tmp: Path, peer: socket.socket, tls: TlsFiles | None = None, **switchd_env: str
+                   ) -> AsyncIterator[Env]:
+    """switchdb with an account, and switchd relaying to the engine's peer socket (over TLS with `tls`)."""
     async with procs.open_stack(tmp) as stack:
         _, key = await stack.account()
-        host, port = peer.getsockname()[:2]
-        async with stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="switchd",
+        async with stack.switchd(upstream_url(peer, tls), name="switchd", **switchd_upstream_env(tls),
                                  **switchd_env) as switchd:
-            yield Env(stack, key, peer, switchd)
+            yield Env(stack, key, peer, switchd, tls)
 
 
 def peer_socket() -> socket.socket:
@@ -115,7 +161,8 @@ async def engine(env: Env, *args: str, timeout: float = 300) -> dict[str, Any]:
     """One perf.engine run in its own process, serving the peer on env.peer; its JSON summary."""
     fd = env.peer.fileno()
     with trio.fail_after(timeout):
-        done = await trio.run_process([sys.executable, "-m", "perf.engine", *args, "--peer-fd", str(fd), "--json"],
+        done = await trio.run_process([sys.executable, "-m", "perf.engine", *args, *env.peer_args(), "--peer-fd",
+                                       str(fd), "--json"],
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       stdin=subprocess.DEVNULL, pass_fds=(fd,))
     if done.returncode != 0:
@@ -159,31 +206,46 @@ async def wakeup_rtt(rounds: int) -> dict[str, Any]:
 
 @asynccontextmanager
 async def peer_process(env: Env, tmp: Path) -> AsyncIterator[str]:
-    """The engine's peer as a process of its own, on env.peer (switchd's UPSTREAM_URL); its ws:// URL."""
+    """The engine's peer as a process of its own, on env.peer (switchd's UPSTREAM_URL); its ws(s):// URL."""
     fd = env.peer.fileno()
-    async with procs.daemon([sys.executable, "-m", "perf.engine", "--peer-only", "--peer-fd", str(fd)],
+    async with procs.daemon([sys.executable, "-m", "perf.engine", "--peer-only", "--peer-fd", str(fd),
+                             *env.peer_args()],
                             procs.base_env(), tmp / "peer.log", cwd=tmp, pass_fds=(fd,)) as peer:
         yield f"{peer.address}/v1/realtime"
 
 
+# perf.floor's relays: two bare TCP proxies, and the asyncio + websockets relay (the bar on the TLS path).
+RELAYS = ("floor", "threads", "websockets")
+RELAY_NAMES = {"floor": "bare Trio TCP proxy", "threads": "blocking threads TCP proxy",
+               "websockets": "asyncio + websockets relay"}
+
+
 @asynccontextmanager
 async def bare_proxies(env: Env, tmp: Path, core: set[int] | None = None) -> AsyncIterator[dict[str, procs.Daemon]]:
-    """perf.floor's two bare TCP proxies to the peer's port: "floor" (Trio) and "threads" (blocking,
-    a thread per direction); pinned to `core` (switchd's place) when given."""
+    """perf.floor's relays to the peer: "floor" (a Trio TCP proxy), "threads" (a blocking TCP proxy,
+    a thread per direction) and "websockets" (asyncio + websockets, to the peer's ws(s):// URL);
+    pinned to `core` (switchd's place) when given."""
     port = env.peer.getsockname()[1]
+    ca = [] if env.tls is None else ["--ca", str(env.tls.ca)]
+    flags = {"floor": ["--target-port", str(port)], "threads": ["--target-port", str(port), "--threads"],
+             "websockets": ["--websockets", env.upstream_url(), *ca]}
     async with AsyncExitStack() as stack:
         proxies = {}
-        for name, flags in (("floor", []), ("threads", ["--threads"])):
+        for name in RELAYS:
             proxies[name] = await stack.enter_async_context(procs.daemon(
-                [sys.executable, "-m", "perf.floor", "--target-port", str(port), *flags],
-                procs.base_env(), tmp / f"{name}.log", cwd=tmp))
+                [sys.executable, "-m", "perf.floor", *flags[name]], procs.base_env(), tmp / f"{name}.log", cwd=tmp))
             if core is not None:
                 procs.pin(proxies[name].pid, core)
         yield proxies
 
 
-def _via(proxy: procs.Daemon, name: str) -> list[str]:
-    return ["--url", f"{proxy.address}/v1/realtime", "--key", name, "--session-prefix", name]
+def _via(env: Env, proxy: procs.Daemon, name: str) -> list[str]:
+    """Where clients connect to go through a perf.floor relay: the TCP proxies carry the client's own
+    TLS to a TLS peer (wss:// through them); the websockets relay takes plain ws:// as switchd does."""
+    url = proxy.address
+    if name != "websockets" and env.tls is not None:
+        url = "wss://" + url.removeprefix("ws://")
+    return ["--url", f"{url}/v1/realtime", "--key", name, "--session-prefix", name]
 
 
 async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
@@ -192,10 +254,10 @@ async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
     direct round trip wakes each once), and through the two bare proxies of perf.floor to the same
     peer: what relaying alone adds in this place. Beside it, the engine playing both ends (it never
     sleeps) and perf.wakeup (two processes bouncing 1 KB, no event loop), in every round."""
-    common = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
-              "--samples", *PLAIN_PEER]
-    runs: dict[str, list[int]] = {"direct": [], "through": [], "floor": [], "threads": [], "one_process_direct": [],
-                                  "one_process_through": []}
+    common = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup",
+              str(plan.driven_warmup), "--samples", *PLAIN_PEER]
+    runs: dict[str, list[int]] = {"direct": [], "through": [], "one_process_direct": [], "one_process_through": [],
+                                  **{name: [] for name in RELAYS}}
     wakeups = []
     async with bare_proxies(env, tmp) as proxies:
         for r in range(plan.closed_rounds):
@@ -204,7 +266,7 @@ async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
                          "through": await engine(env, "--no-peer", *env.through(f"closed{r}"), *common)}
                 await quiesce(env.switchd)
                 for name, proxy in proxies.items():
-                    loops[name] = await engine(env, "--no-peer", *_via(proxy, name), *common)
+                    loops[name] = await engine(env, "--no-peer", *_via(env, proxy, name), *common)
             loops["one_process_direct"] = await engine(env, "--direct", *common)
             loops["one_process_through"] = await engine(env, *env.through(f"closed1p{r}"), *common)
             await quiesce(env.switchd)
@@ -224,6 +286,12 @@ async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
     out["bare_proxies"] = {name: {"p50_ms": percentile(runs[name], 50) / 1000,
                                   "added_p50_us": percentile(runs[name], 50) - direct_p50}
                            for name in ("floor", "threads")}
+    ws = runs["websockets"]
+    out["websockets_relay"] = {"samples": len(ws), "p50_ms": percentile(ws, 50) / 1000,
+                               "p99_ms": percentile(ws, 99) / 1000, "added_p50_us": percentile(ws, 50) - direct_p50,
+                               "added_p99_us": percentile(ws, 99) - percentile(runs["direct"], 99)}
+    # The TLS path's bar: switchd's added median over the asyncio + websockets relay's, in the same rounds.
+    out["added_over_websockets_relay"] = ratio(out["added_median_rtt_us"], out["websockets_relay"]["added_p50_us"])
     d1q, t1q = (percentile(runs[k], 50) for k in ("one_process_direct", "one_process_through"))
     # One engine playing both ends never sleeps between them: through a relay, the round trip
     # wakes a sleeping process four times instead of none.
@@ -235,17 +303,26 @@ async def closed_loop(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
     return out
 
 
-async def pipelined(env: Env, plan: Plan) -> dict[str, Any]:
-    common = ["--pattern", "flood", "--frame-bytes", "1024", "--window", "64", "--duration", str(plan.flood_s),
-              "--warmup", "0.3", *PLAIN_PEER]
+async def pipelined(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
+    """(b) One session, PIPELINE_WINDOW frames in flight: direct, through switchd, through perf.floor's relays."""
+    common = ["--pattern", "flood", "--frame-bytes", "1024", "--window", str(PIPELINE_WINDOW), "--duration",
+              str(plan.flood_s), "--warmup", str(plan.driven_warmup), *PLAIN_PEER]
     d = await engine(env, "--direct", *common)
     await quiesce(env.switchd)
     t = await engine(env, *env.through("flood"), *common, *_watch(env))
     await quiesce(env.switchd)
-    return {"window": 64, "frame_bytes": 1024,
+    relays: dict[str, dict[str, Any]] = {}
+    async with bare_proxies(env, tmp) as proxies:
+        for name, proxy in proxies.items():
+            r = await engine(env, *_via(env, proxy, name), *common, "--watch", f"{name}={proxy.pid}")
+            relays[name] = {"frames_per_s": r["echoes_per_s"], "ratio_to_direct": ratio(r["echoes_per_s"],
+                                                                                         d["echoes_per_s"]),
+                            "lost": r["lost"], "cpu_pct_of_core": (r["cpu"].get(name) or {}).get("pct_of_one_core")}
+    return {"window": PIPELINE_WINDOW, "frame_bytes": 1024,
             "frames_per_s": {"direct": d["echoes_per_s"], "through": t["echoes_per_s"],
                              "ratio": ratio(t["echoes_per_s"], d["echoes_per_s"])},
             "lost": {"direct": d["lost"], "through": t["lost"]},
+            "relays": relays,
             "cpu": {"direct": d["cpu"], "through": t["cpu"]}}
 
 
@@ -326,7 +403,7 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
     hi = min((n for n, p in tried.items() if not p["holds"]), default=None)
     lo = max((n for n in tried if hi is None or n < hi), default=0)
     deadline = time.monotonic() + plan.capacity_budget_s
-    steps = []
+    steps: list[dict[str, Any]] = []
     # Bounded: each step halves the bracket, and no step starts past the time budget.
     while hi is not None and hi - lo > max(5, lo // 10) and time.monotonic() < deadline and len(steps) < 8:
         mid = (lo + hi) // 2
@@ -350,15 +427,17 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
 
 
 async def floor_comparison(env: Env, plan: Plan, tmp: Path, core: set[int] | None) -> dict[str, Any]:
-    """(e) switchd side by side with bare TCP proxies in the same place: a Trio one (what any Trio
-    relay costs) and a blocking one with a thread per direction (what the machine's wake-ups alone cost)."""
+    """(e) switchd side by side with perf.floor's relays in the same place: a bare Trio TCP proxy
+    (what any Trio relay costs), a blocking one with a thread per direction (what the machine's
+    wake-ups alone cost) and the asyncio + websockets relay (the usual Python gateway)."""
     n = plan.floor_sessions
-    closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup", "0.3",
-              "--samples", *PLAIN_PEER]
+    closed = ["--pattern", "closed", "--frame-bytes", "1024", "--duration", str(plan.closed_s), "--warmup",
+              str(plan.driven_warmup), "--samples", *PLAIN_PEER]
     realtime = _realtime_args(plan, n)
     runs: dict[str, dict[str, Any]] = {}
     async with bare_proxies(env, tmp, core) as proxies:  # in switchd's place
-        relays = [(name, _via(proxy, name), ["--watch", f"{name}={proxy.pid}"]) for name, proxy in proxies.items()]
+        relays = [(name, _via(env, proxy, name), ["--watch", f"{name}={proxy.pid}"])
+                  for name, proxy in proxies.items()]
         relays.append(("switchd", env.through("efloor"), _watch(env)))
         for name, via, watch in relays:
             c = await engine(env, *via, *closed)
@@ -374,8 +453,11 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path, core: set[int] | Non
                 "cpu_pct_of_core": cpu.get("pct_of_one_core"),
                 "us_per_relayed_message": _per_message(cpu, "cpu_s", relayed),
             }
-    f, t, w = runs["floor"], runs["threads"], runs["switchd"]
-    return {"sessions": n, "floor": f, "threads": t, "switchd": w,
+    f, t, w, a = runs["floor"], runs["threads"], runs["switchd"], runs["websockets"]
+    return {"sessions": n, "floor": f, "threads": t, "websockets": a, "switchd": w,
+            "ratio_closed_p50_vs_websockets": ratio(w["closed_p50_ms"], a["closed_p50_ms"]),
+            "ratio_us_per_message_vs_websockets": ratio(w["us_per_relayed_message"] or float("nan"),
+                                                        a["us_per_relayed_message"] or float("nan")),
             "ratio_closed_p50": ratio(w["closed_p50_ms"], f["closed_p50_ms"]),
             "ratio_us_per_message": ratio(w["us_per_relayed_message"] or float("nan"),
                                           f["us_per_relayed_message"] or float("nan")),
@@ -401,9 +483,8 @@ async def workers_comparison(env: Env, plan: Plan, single: dict[str, Any]) -> di
     process's capacity; the kernel's spread of the sessions over the workers is the other half.
     """
     n = WORKERS * plan.floor_sessions
-    host, port = env.peer.getsockname()[:2]
-    async with env.stack.switchd(f"ws://{host}:{port}/v1/realtime?model=gpt-realtime", name="workers",
-                                 WORKERS=str(WORKERS)) as supervisor:
+    async with env.stack.switchd(env.upstream_url(), name="workers", WORKERS=str(WORKERS),
+                                 **env.switchd_env()) as supervisor:
         urls = [f"http://127.0.0.1:{p}/metrics" for p in supervisor.ready_line.split()[-1].split(",")]
         pids = procs.children(supervisor.pid)
         if len(pids) != WORKERS:
@@ -431,14 +512,36 @@ async def workers_comparison(env: Env, plan: Plan, single: dict[str, Any]) -> di
     }
 
 
-async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
-    plan = PLANS[mode]
-    with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name, peer_socket() as peer:
-        tmp = Path(tmp_name)
-        async with open_env(tmp, peer) as env:
+async def session_memory(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
+    """switchd's memory per idle session and per session holding a maximal partial frame (perf.memory)."""
+    async with peer_process(env, tmp):
+        return await memory.per_session(env.switchd, env.key, plan.memory_sessions, Settings().max_payload_length)
+
+
+async def one_upstream(plan: Plan, tmp: Path, tls: TlsFiles | None, full: bool = True) -> dict[str, Any]:
+    """(a)–(f) against one switchd whose provider is served over TLS (`tls`) or plain ws://; only
+    (a) and (c) unless `full` (the others are None then)."""
+    tmp.mkdir()
+    stage_s: dict[str, float] = {}
+    clock = [time.monotonic()]
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        stage_s[name] = round(now - clock[0], 2)
+        clock[0] = now
+
+    with peer_socket() as peer:
+        async with open_env(tmp, peer, tls) as env:
+            url = env.upstream_url()
+            lap("start")
+            # First, while switchd's memory holds nothing but its start.
+            mem = await session_memory(env, plan, tmp) if full else None
+            lap("memory")
             # One session leaves the machine idle: the scheduler places its three processes.
             closed = await closed_loop(env, plan, tmp)
-            flood = await pipelined(env, plan)
+            lap("closed_loop")
+            flood = await pipelined(env, plan, tmp) if full else None
+            lap("pipelined")
             # "Per switchd process (one core)": from here switchd has a core of its own and the load
             # engine, switchdb and this process share the other, so the load never queues for the
             # core it measures (on this 2-core machine it did, and p99.9 was the scheduler's).
@@ -446,16 +549,37 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
                 points = []
                 for n in plan.ns:
                     points.append(await measured_point(env, plan, n, f"rt{n}"))
-                cap = await capacity(env, plan, points)
-                floor = await floor_comparison(env, plan, tmp,
-                                               set(placement["under_test"]) if placement else None)
+                cap = await capacity(env, plan, points) if full else None
+                lap("realtime_and_capacity")
+                floor = await floor_comparison(env, plan, tmp, set(placement["under_test"]) if placement else None
+                                               ) if full else None
+                lap("floor")
             # Every core for the workers, the engine among them, as an operator would run WORKERS.
-            workers = await workers_comparison(env, plan, floor["switchd"])
-    results = {"closed_loop": closed, "pipelined": flood, "realtime": points, "capacity": cap, "floor": floor,
-               "workers": workers, "placement": placement,
-               "plan": plan.__dict__, "load_engine": "perf.engine (epoll, both ends in one process)"}
-    _print(results)
+            workers = await workers_comparison(env, plan, floor["switchd"]) if floor is not None else None
+            lap("workers")
+    return {"upstream_url": url, "closed_loop": closed, "pipelined": flood, "realtime": points,
+            "capacity": cap, "floor": floor, "workers": workers, "placement": placement, "memory": mem,
+            "stage_s": stage_s}
+
+
+async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
+    plan = PLANS[mode]
+    results: dict[str, Any] = {"upstreams": list(UPSTREAMS), "headline": UPSTREAMS[0]}
+    with tempfile.TemporaryDirectory(prefix="perf-relay-") as tmp_name:
+        tmp = Path(tmp_name)
+        tls = make_certs(tmp / "certs")
+        for kind in UPSTREAMS:
+            emit(f"\n--- relay with the provider over {'TLS (wss://)' if kind == 'tls' else 'plain ws://'} ---")
+            results[kind] = await one_upstream(plan, tmp / kind, tls if kind == "tls" else None,
+                                               full=kind == "tls" or plan.plain_full)
+            _print(results[kind])
+    _print_side_by_side(results)
+    results.update({"plan": plan.__dict__, "load_engine": "perf.engine (epoll, both ends in one process)"})
     notes = [
+        "results.tls: the provider (perf.engine's peer) served over TLS 1.3 with a certificate made at run time, "
+        "switchd trusting its CA through UPSTREAM_CA_FILE (and SSL_CERT_FILE); results.plain: the same over ws://. "
+        "Clients speak plain ws:// to switchd and to the asyncio + websockets relay; direct clients speak the "
+        "provider's scheme, and their TLS passes end to end through the bare TCP proxies.",
         "Load: perf.engine, one epoll process playing the clients and the provider-like peer (pre-built frames, "
         "client frames masked with the zero key); switchd and switchdb are separate processes; all share this "
         "machine's cores (see cpu.*.machine).",
@@ -472,6 +596,49 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     return results, notes
 
 
+SIDE_BY_SIDE_TITLE = "Relay: the provider over TLS (the headline) beside plain ws://"
+
+
+def side_by_side(r: dict[str, Any]) -> list[list[Any]]:
+    """The relay's main figures, one row each: [measure, TLS path, plain path] (None where not run)."""
+    def row(label: str, read: Any) -> list[Any]:
+        cells = []
+        for kind in UPSTREAMS:
+            try:
+                cells.append(read(r[kind]))
+            except (KeyError, TypeError, IndexError):
+                cells.append(None)
+        return [label, *cells]
+
+    def at(x: dict[str, Any], key: str) -> Any:
+        p = next((q for q in sorted(x["realtime"], key=lambda q: q["sessions"]) if q["sessions"] >= TARGET_SESSIONS),
+                 None)
+        return None if p is None else p[key]
+
+    return [
+        row("closed loop: switchd added p50 µs", lambda x: x["closed_loop"]["added_median_rtt_us"]),
+        row("closed loop: websockets relay added p50 µs",
+            lambda x: x["closed_loop"]["websockets_relay"]["added_p50_us"]),
+        row("closed loop: switchd / websockets relay", lambda x: x["closed_loop"]["added_over_websockets_relay"]),
+        row(f"pipelined ({PIPELINE_WINDOW}): switchd / direct", lambda x: x["pipelined"]["frames_per_s"]["ratio"]),
+        row(f"pipelined ({PIPELINE_WINDOW}): websockets relay / direct",
+            lambda x: x["pipelined"]["relays"]["websockets"]["ratio_to_direct"]),
+        row("capacity (sessions per process)", lambda x: x["capacity"]["sessions"]),
+        row(f"at ≥{TARGET_SESSIONS} sessions: +p99 ms", lambda x: (at(x, "added_ms") or {}).get("p99")),
+        row(f"at ≥{TARGET_SESSIONS} sessions: +p99.9 ms", lambda x: (at(x, "added_ms") or {}).get("p99.9")),
+        row(f"at ≥{TARGET_SESSIONS} sessions: frames lost", lambda x: (at(x, "lost") or {}).get("through")),
+        row(f"at ≥{TARGET_SESSIONS} sessions: switchd µs/msg", lambda x: at(x, "switchd_us_per_relayed_message")),
+        row(f"WORKERS={WORKERS}: µs/msg vs one process", lambda x: x["workers"]["ratio_us_per_message"]),
+        row("KiB per idle session", lambda x: _kib(x["memory"]["idle_bytes_per_session"])),
+        row("KiB per session holding a maximal partial frame",
+            lambda x: _kib(x["memory"]["partial_frame_bytes_per_session"])),
+    ]
+
+
+def _print_side_by_side(r: dict[str, Any]) -> None:
+    emit(table(SIDE_BY_SIDE_TITLE, ["measure", *UPSTREAMS], side_by_side(r)))
+
+
 def _print(r: dict[str, Any]) -> None:
     c = r["closed_loop"]
     emit(table("Relay (a): one session, closed loop, 1 KB frames — round trip (ms)",
@@ -483,7 +650,8 @@ def _print(r: dict[str, Any]) -> None:
          f"over loopback (perf.wakeup, once a round) took {', '.join(fmt(w['rtt_us']['p50'], 0) for w in c['wakeup'])} "
          f"µs a round trip (p50), the two wake-ups any relay adds to it; switchd added "
          f"{fmt(c['added_median_rtt_us'], 0)} µs (×{fmt(c['added_over_two_wakeups'])}). With one engine playing both "
-         f"ends (never sleeping direct): {fmt(one['direct_p50_ms'] * 1000, 0)} → {fmt(one['through_p50_ms'] * 1000, 0)} "
+         f"ends (never sleeping direct): {fmt(one['direct_p50_ms'] * 1000, 0)} → "
+         f"{fmt(one['through_p50_ms'] * 1000, 0)} "
          f"µs, +{fmt(one['added_p50_us'], 0)}")
     bare = c["bare_proxies"]
     emit(f"The same loop through perf.floor's bare TCP proxies to the same peer (no WebSocket, no metering): "
@@ -491,15 +659,22 @@ def _print(r: dict[str, Any]) -> None:
          f"(+{fmt(bare['threads']['added_p50_us'], 0)} µs), bare Trio proxy {fmt(bare['floor']['p50_ms'], 3)} ms "
          f"(+{fmt(bare['floor']['added_p50_us'], 0)} µs), "
          f"switchd +{fmt(c['added_median_rtt_us'], 0)} µs")
+    ws = c["websockets_relay"]
+    emit(f"asyncio + websockets relay (plain ws:// in, the provider's scheme upstream, as switchd): p50 "
+         f"{fmt(ws['p50_ms'], 3)} ms (+{fmt(ws['added_p50_us'], 0)} µs), p99 {fmt(ws['p99_ms'], 3)} ms; "
+         f"switchd's added median ×{fmt(c['added_over_websockets_relay'])} of it")
     f = r["pipelined"]
-    sw = f["cpu"]["through"].get("switchd") or {}
-    eng = f["cpu"]["through"].get("engine") or {}
-    emit(table("Relay (b): one session, pipelined (64 in flight), 1 KB frames",
-               ["measure", "direct", "through", "ratio"],
-               [["frames/s", f["frames_per_s"]["direct"], f["frames_per_s"]["through"], f["frames_per_s"]["ratio"]],
-                ["switchd % of a core", None, sw.get("pct_of_one_core"), None],
-                ["engine % of a core", (f["cpu"]["direct"].get("engine") or {}).get("pct_of_one_core"),
-                 eng.get("pct_of_one_core"), None]]))
+    if f is not None:
+        sw = f["cpu"]["through"].get("switchd") or {}
+        eng = f["cpu"]["through"].get("engine") or {}
+        emit(table(f"Relay (b): one session, pipelined ({f['window']} in flight), 1 KB frames",
+                   ["measure", "direct", "through", "ratio"],
+                   [["frames/s", f["frames_per_s"]["direct"], f["frames_per_s"]["through"], f["frames_per_s"]["ratio"]],
+                    ["switchd % of a core", None, sw.get("pct_of_one_core"), None],
+                    ["engine % of a core", (f["cpu"]["direct"].get("engine") or {}).get("pct_of_one_core"),
+                     eng.get("pct_of_one_core"), None],
+                    *[[f"through {RELAY_NAMES[name]}: frames/s", None, x["frames_per_s"], x["ratio_to_direct"]]
+                      for name, x in f["relays"].items()]]))
     rows = []
     for p in r["realtime"]:
         m = p["cpu"]["through"].get("machine") or {}
@@ -529,25 +704,43 @@ def _print(r: dict[str, Any]) -> None:
          f"* = others > {DISTURBED_OTHERS_CORES:g} or steal > {DISTURBED_STEAL_CORES:g} cores in the direct or through "
          "run; (2nd try) = the first attempt failed and the point was measured again")
     cap = r["capacity"]
-    above = cap["bounded_above_by"]
-    why = ("every tried N held" if above is None else f"fails at {above}"
-           + (" where the direct baseline itself was saturated" if cap["limited_by_baseline"] else ""))
-    emit(f"Relay (d): capacity = {cap['sessions']} realtime sessions per switchd process ({why}; "
-         f"{cap['criterion']}; {len(cap['search_steps'])} bisection step(s))")
+    if cap is not None:
+        above = cap["bounded_above_by"]
+        why = ("every tried N held" if above is None else f"fails at {above}"
+               + (" where the direct baseline itself was saturated" if cap["limited_by_baseline"] else ""))
+        emit(f"Relay (d): capacity = {cap['sessions']} realtime sessions per switchd process ({why}; "
+             f"{cap['criterion']}; {len(cap['search_steps'])} bisection step(s))")
     fl = r["floor"]
-    emit(table(f"Relay (e): switchd vs bare TCP proxies (perf.floor) in the same place — {fl['sessions']} realtime "
-               "sessions, and a closed loop of 1 KB frames",
-               ["relay", "closed p50 ms", "realtime p50 ms", "realtime p99 ms", "lost", "CPU % of a core", "µs/msg"],
-               [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p50"),
-                 (x["realtime_latency_ms"] or {}).get("p99"), x["lost"], x["cpu_pct_of_core"],
-                 x["us_per_relayed_message"]] for name, x in (("bare Trio proxy", fl["floor"]),
-                                                               ("blocking threads proxy", fl["threads"]),
-                                                               ("switchd", fl["switchd"]))], digits=3))
-    emit(f"switchd / bare Trio proxy: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
-         f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}; switchd / blocking threads proxy: "
-         f"closed-loop p50 ×{fl['ratio_closed_p50_vs_threads'] or float('nan'):.2f}, "
-         f"CPU per message ×{fl['ratio_us_per_message_vs_threads'] or float('nan'):.2f}")
-    _print_workers(r["workers"])
+    if fl is not None:
+        emit(table(f"Relay (e): switchd vs perf.floor's relays in the same place — {fl['sessions']} realtime "
+                   "sessions, and a closed loop of 1 KB frames",
+                   ["relay", "closed p50 ms", "realtime p50 ms", "realtime p99 ms", "lost", "CPU % of a core",
+                    "µs/msg"],
+                   [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p50"),
+                     (x["realtime_latency_ms"] or {}).get("p99"), x["lost"], x["cpu_pct_of_core"],
+                     x["us_per_relayed_message"]] for name, x in (("bare Trio proxy", fl["floor"]),
+                                                                   ("blocking threads proxy", fl["threads"]),
+                                                                   ("asyncio + websockets relay", fl["websockets"]),
+                                                                   ("switchd", fl["switchd"]))], digits=3))
+        emit(f"switchd / asyncio + websockets relay: closed-loop p50 ×{fmt(fl['ratio_closed_p50_vs_websockets'])}, "
+             f"CPU per message ×{fmt(fl['ratio_us_per_message_vs_websockets'])}")
+        emit(f"switchd / bare Trio proxy: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
+             f"CPU per message ×{fl['ratio_us_per_message'] or float('nan'):.2f}; switchd / blocking threads proxy: "
+             f"closed-loop p50 ×{fl['ratio_closed_p50_vs_threads'] or float('nan'):.2f}, "
+             f"CPU per message ×{fl['ratio_us_per_message_vs_threads'] or float('nan'):.2f}")
+    if r["workers"] is not None:
+        _print_workers(r["workers"])
+    m = r["memory"]
+    if m is not None:
+        emit(f"Memory: {m['sessions']} sessions: switchd RSS +{fmt(_kib(m['idle_bytes_per_session']), 1)} KiB per "
+             f"idle session; +{fmt(_kib(m['partial_frame_bytes_per_session']), 1)} KiB per session holding a "
+             f"{fmt(m['max_payload_length'])}-byte frame but its last byte ({m['sessions_open_while_holding']} "
+             f"sessions still open then); RSS after closing them {fmt(_kib(m['rss_bytes']['after_close']), 0)} KiB "
+             f"(before: {fmt(_kib(m['rss_bytes']['before']), 0)})")
+
+
+def _kib(value: float | None) -> float | None:
+    return None if value is None else value / 1024
 
 
 def _print_workers(w: dict[str, Any]) -> None:

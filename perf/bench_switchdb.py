@@ -5,6 +5,9 @@
 - RECORD_USAGE: `perf.dbflood` (a separate, lean pyzmq process) with 1 and with 8 DEALER
   clients, each keeping 64 requests in flight; acknowledged batches per second, and the CPU per
   request of switchdb and of the flood client (both share this machine's cores).
+- PostgreSQL (DB_URL, a throwaway server from the `pgserver` wheel) beside SQLite, same run:
+  VALIDATE_AND_LOAD p50/p99 through one replica, and RECORD_USAGE acknowledged batches/s with 1
+  and with 2 replicas (one perf.dbflood process per replica, the clients split between them).
 - Stall: what a client sees, PING round trips (answered by switchdb's reader task on the spot,
   never queued behind the database) every 1 ms from `perf.dbping`, a lean blocking process, for
   as long in three conditions: idle (this machine's own noise), 8 clients writing a steady
@@ -195,5 +198,83 @@ async def run_async(mode: str) -> tuple[dict[str, Any], list[str]]:
     return results, notes
 
 
+async def _postgres(tmp: Path, n_validate: int, flood_s: float) -> dict[str, Any]:
+    """VALIDATE_AND_LOAD through one replica and RECORD_USAGE floods through 1 and 2 replicas, on PostgreSQL."""
+    import warnings
+
+    import pgserver  # a test/perf extra: PostgreSQL binaries in a wheel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+        url = server.get_uri()
+    try:
+        env = procs.base_env(DB_URL=url, LOG_LEVEL=procs.DAEMON_LOG_LEVEL)
+        results: dict[str, Any] = {}
+        async with procs.daemon(["switchdb", "serve"], {**env, "ZMQ_SOCKET_PATH": f"ipc://{tmp}/pg0.sock"},
+                                tmp / "pg0.log", cwd=tmp) as first:
+            stack = procs.Stack(tmp, {**env, "ZMQ_SOCKET_PATH": first.address}, first)
+            account, key = await stack.account()
+            async with open_db_client(first.address, 5000) as db:
+                await db.request(MessageType.PING)
+                rtts = []
+                for i in range(n_validate):
+                    t0 = time.perf_counter()
+                    await db.request(MessageType.VALIDATE_AND_LOAD, key, f"perf-validate-{i % 50}")
+                    rtts.append((time.perf_counter() - t0) * 1000)
+            results["validate_and_load_ms"] = summarize(rtts)
+            results["record_usage_1_replica"] = await _pg_flood(tmp, [first.address], account, flood_s)
+            async with procs.daemon(["switchdb", "serve"], {**env, "ZMQ_SOCKET_PATH": f"ipc://{tmp}/pg1.sock"},
+                                    tmp / "pg1.log", cwd=tmp) as second:
+                results["record_usage_2_replicas"] = await _pg_flood(
+                    tmp, [first.address, second.address], account, flood_s)
+        return results
+    finally:
+        server.cleanup()
+
+
+async def _pg_flood(tmp: Path, endpoints: list[str], account: str, seconds: float) -> dict[str, Any]:
+    """perf.dbflood, one process per replica (FLOOD_CLIENTS[-1] clients split between them), at once."""
+    clients = max(1, FLOOD_CLIENTS[-1] // len(endpoints))
+    results: list[dict[str, Any]] = []
+
+    async def one(endpoint: str) -> None:
+        argv = [sys.executable, "-m", "perf.dbflood", "--endpoint", endpoint, "--account", account,
+                "--clients", str(clients), "--inflight", str(INFLIGHT), "--duration", str(seconds)]
+        with trio.fail_after(seconds + 60):
+            done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, stdin=subprocess.DEVNULL,
+                                          cwd=tmp, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"perf.dbflood failed:\n{done.stderr.decode()[-3000:]}")
+        results.append(json.loads(done.stdout.decode().splitlines()[-1]))
+
+    async with trio.open_nursery() as nursery:
+        for endpoint in endpoints:
+            nursery.start_soon(one, endpoint)
+    return {
+        "replicas": len(endpoints),
+        "clients": clients * len(endpoints),
+        "per_s": sum(r["per_s"] for r in results),
+        "errors": sum(sum(v for k, v in r["statuses"].items() if k != "OK") + r["unanswered"] for r in results),
+    }
+
+
 def run(mode: str) -> tuple[dict[str, Any], list[str]]:
-    return trio.run(run_async, mode)
+    results, notes = trio.run(run_async, mode)
+    n_validate, flood_s = PLANS[mode]
+    with tempfile.TemporaryDirectory(prefix="perf-switchdb-pg-") as tmp_name:
+        pg = trio.run(_postgres, Path(tmp_name), n_validate, flood_s)
+    results["postgres"] = pg
+    v = pg["validate_and_load_ms"]
+    sqlite_v = results["validate_and_load_ms"]
+    emit(table("switchdb: SQLite vs PostgreSQL (same run)",
+               ["store", "replicas", "V&L p50 ms", "V&L p99 ms", "RECORD_USAGE acked/s"],
+               [["SQLite", 1, sqlite_v["p50"], sqlite_v["p99"],
+                 results["record_usage"][str(FLOOD_CLIENTS[-1])]["per_s"]],
+                ["PostgreSQL", 1, v["p50"], v["p99"], pg["record_usage_1_replica"]["per_s"]],
+                ["PostgreSQL", 2, None, None, pg["record_usage_2_replicas"]["per_s"]]], digits=3))
+    notes.append(
+        "PostgreSQL: a local server from the pgserver wheel on a Unix socket, on the same two cores as the "
+        f"replicas and the flood clients; {FLOOD_CLIENTS[-1]} flood clients in all, split between the replicas. "
+        "SQLite is one file behind one daemon (a second replica is a PostgreSQL topology only).")
+    return results, notes

@@ -1,7 +1,8 @@
 """Usage accumulation: running totals (production) vs a list of per-report objects summed at flush.
 
-Same work on both sides: every report passes the same validation (`_count`: non-negative ints
-only), every flush produces the same batch JSON (checked), at the same batch sizes. Batch size 5
+Same work on both sides: every report goes through the same validation and attribution
+(`UsageTotals.add_response`), every flush produces the same batch JSON (checked), at the same
+batch sizes. Batch size 5
 is production's BATCH_REPORTS; the larger ones are what piles up while switchdb is away and
 the batcher cannot flush.
 """
@@ -12,10 +13,11 @@ import json
 import statistics
 import time
 import tracemalloc
+from dataclasses import fields
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from common.usage import UsageTotals, _count
+from common.usage import UsageTotals
 from perf import frames as fr
 from perf.report import emit, ratio, table
 
@@ -34,35 +36,28 @@ def running_totals(reports: Sequence[Usage], batch: int) -> list[str]:
     return out
 
 
-def _report(usage: Usage) -> tuple[int, ...]:
-    """One per-report object: the same eight validated counts add_response reads."""
-    inp = usage.get("input_token_details")
-    out = usage.get("output_token_details")
-    inp = inp if isinstance(inp, Mapping) else {}
-    out = out if isinstance(out, Mapping) else {}
-    return (_count(usage.get("input_tokens")), _count(usage.get("output_tokens")),
-            _count(inp.get("text_tokens")), _count(inp.get("audio_tokens")), _count(inp.get("image_tokens")),
-            _count(inp.get("cached_tokens")), _count(out.get("text_tokens")), _count(out.get("audio_tokens")))
+# The counted fields of a report (the model's name is not a count).
+_FIELDS = tuple(f.name for f in fields(UsageTotals) if f.type not in ("str", str))
 
 
-def _sum(pending: list[tuple[int, ...]]) -> str:
+def _report(usage: Usage) -> tuple[int | float, ...]:
+    """One per-report object: every count add_response derives from the block (validated the same way)."""
+    one = UsageTotals()
+    one.add_response(usage)
+    return tuple(getattr(one, name) for name in _FIELDS)
+
+
+def _sum(pending: list[tuple[int | float, ...]]) -> str:
     t = UsageTotals()
     for r in pending:
-        t.input_tokens += r[0]
-        t.output_tokens += r[1]
-        t.input_text += r[2]
-        t.input_audio += r[3]
-        t.input_image += r[4]
-        t.input_cached += r[5]
-        t.output_text += r[6]
-        t.output_audio += r[7]
-    t.reports = len(pending)
+        for name, value in zip(_FIELDS, r, strict=True):
+            setattr(t, name, getattr(t, name) + value)
     return t.to_json()
 
 
 def per_report_list(reports: Sequence[Usage], batch: int) -> list[str]:
     out: list[str] = []
-    pending: list[tuple[int, ...]] = []
+    pending: list[tuple[int | float, ...]] = []
     for usage in reports:
         pending.append(_report(usage))
         if len(pending) >= batch:

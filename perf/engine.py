@@ -27,7 +27,11 @@ coordinated omission), closed (one frame in flight per client; latency from the 
 and flood (`--window` in flight; frames/s). After the last send the engine waits up to `--drain`
 seconds for echoes; lost = sent − echoed. CPU of the engine and of `--watch NAME=PID`
 processes (user and system apart) and the machine's busy cores are sampled over the measured
-window. Loopback/ws:// only. Output: a table, or one JSON object with `--json`.
+window. Output: a table, or one JSON object with `--json`.
+
+TLS, as in production where the provider is `wss://`: `--peer-cert/--peer-key` make the peer
+serve TLS; clients speak TLS to a `wss://` URL (and, with `--direct`, to a TLS peer), trusting
+`--ca`. TLS runs over memory BIOs in the same loop (ssl.SSLObject, as trio.SSLStream does).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import json
 import os
 import select
 import socket
+import ssl
 import sys
 import time
 from collections import Counter, deque
@@ -96,6 +101,9 @@ class Config:
     no_peer: bool = False  # the peer is another process (`--peer-only`): serve none, wait for none
     watch: dict[str, int] = field(default_factory=dict)
     samples: bool = False
+    peer_cert: str | None = None  # the peer serves TLS with this chain (PEM, leaf first)...
+    peer_key: str | None = None  # ...and this key
+    ca: str | None = None  # clients trust this CA (PEM) for wss://
 
 
 @dataclass
@@ -122,7 +130,7 @@ class Stats:
 class Conn:
     """A non-blocking socket in the loop: reads when readable, writes at once, buffers only what the kernel refused."""
 
-    __slots__ = ("closed", "eng", "fd", "rbuf", "reader", "sock", "wbuf")
+    __slots__ = ("closed", "eng", "fd", "handshaking", "rbuf", "reader", "sock", "tin", "tls", "tout", "wbuf")
 
     def __init__(self, eng: Engine, sock: socket.socket, mask: int) -> None:
         self.eng, self.sock, self.fd = eng, sock, sock.fileno()
@@ -130,9 +138,82 @@ class Conn:
         self.wbuf = bytearray()
         self.closed = False
         self.reader: Callable[[bytes], int] = self.on_data  # swapped for the frame parser once upgraded
+        self.tls: ssl.SSLObject | None = None
+        self.handshaking: bytearray | None = None  # during the TLS handshake: what was written meanwhile
         eng.add(self, mask)
 
+    # --- TLS over memory BIOs: ciphertext through the socket, plaintext to the reader -----
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """From now on the socket carries TLS: the client side when `server_hostname` is given."""
+        self.tin, self.tout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.tin, self.tout, server_side=server_hostname is None,
+                                    server_hostname=server_hostname)
+        self.handshaking = bytearray()
+        self._handshake()
+
+    def _handshake(self) -> None:
+        assert self.tls is not None and self.handshaking is not None
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            if self.tout.pending:
+                self._raw_write(self.tout.read())
+            return
+        except ssl.SSLError as exc:
+            if self.tout.pending:  # the alert tells the other side why
+                self._raw_write(self.tout.read())
+            self.tls_failed(exc)
+            return
+        waiting, self.handshaking = self.handshaking, None
+        if waiting:
+            self.tls.write(waiting)
+        if self.tout.pending:
+            self._raw_write(self.tout.read())
+
+    def _tls_read(self, raw: bytes) -> bytes | None:
+        """The plaintext that `raw` completes (b"" for none yet); None when the TLS stream ended."""
+        assert self.tls is not None
+        self.tin.write(raw)
+        if self.handshaking is not None:
+            self._handshake()
+            if self.handshaking is not None or self.closed:
+                return b""
+        chunks = []
+        ended = False
+        try:
+            while chunk := self.tls.read(READ_BYTES):
+                chunks.append(chunk)
+            ended = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            ended = True
+        except ssl.SSLError as exc:
+            self.tls_failed(exc)
+            return None
+        if self.tout.pending:  # e.g. TLS 1.3 session tickets, key updates
+            self._raw_write(self.tout.read())
+        if ended and not chunks:
+            return None
+        return b"".join(chunks)
+
+    def tls_failed(self, exc: ssl.SSLError) -> None:
+        self.eng.stats.errors[f"tls {exc.reason or type(exc).__name__}"] += 1
+        self.close()
+
     def write(self, data: bytes | bytearray) -> None:
+        if self.closed:
+            return
+        if self.tls is not None:
+            if self.handshaking is not None:
+                self.handshaking += data
+                return
+            self.tls.write(data)
+            data = self.tout.read()
+        self._raw_write(data)
+
+    def _raw_write(self, data: bytes | bytearray) -> None:
         if self.closed:
             return
         if self.wbuf:  # ordered behind what the kernel refused earlier
@@ -175,6 +256,14 @@ class Conn:
         if not data:
             self.lost()
             return
+        if self.tls is not None:
+            plain = self._tls_read(data)
+            if plain is None:
+                self.lost()
+                return
+            if not plain:
+                return
+            data = plain
         if self.rbuf:
             data = self.rbuf + data
         used = self.reader(data)
@@ -229,6 +318,8 @@ class Client(Conn):
         self.state = "head"
         self.eng.handlers[self.fd] = self.on_event
         self.eng.modify(self, _IN)
+        if self.eng.client_tls is not None:
+            self.start_tls(self.eng.client_tls, self.eng.target[0])
         self.write(upgrade_request(self.eng.host_header, self.eng.resource(self.index), self.key, []))
 
     def on_data(self, data: bytes) -> int:
@@ -307,6 +398,9 @@ class Client(Conn):
         self.write(self.tpl.frame(seq))
         self.sent += 1
 
+    def tls_failed(self, exc: ssl.SSLError) -> None:
+        self.fail(f"tls {exc.reason or type(exc).__name__}")
+
     def fail(self, why: str) -> None:
         if self.state in ("connecting", "head"):
             self.eng.stats.errors[why] += 1
@@ -362,6 +456,8 @@ class Peer(Conn):
         self.resp = events.response_id(number, 0)
         self.delta = DeltaTemplate(events.audio_delta_head(self.resp), eng.audio)
         super().__init__(eng, sock, _IN)
+        if eng.peer_tls is not None:
+            self.start_tls(eng.peer_tls, None)
 
     def on_data(self, data: bytes) -> int:
         if self.state == "head":
@@ -498,6 +594,11 @@ class Engine:
         self.audio = audio_b64(cfg.frame_ms, cfg.frame_bytes)
         self.listener: Listener | None = None
         self.peer_address: tuple[str, int] | None = None
+        self.peer_tls: ssl.SSLContext | None = None
+        if cfg.peer_cert is not None and not cfg.no_peer:
+            self.peer_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.peer_tls.load_cert_chain(cfg.peer_cert, cfg.peer_key)
+        client_tls = False
         if not cfg.no_peer:
             if cfg.peer_fd is not None:
                 lsock = socket.socket(fileno=cfg.peer_fd)
@@ -508,15 +609,18 @@ class Engine:
         if self.peer_address is not None and (cfg.direct or cfg.url is None):
             self.target: tuple[str, int] = (self.peer_address[0], self.peer_address[1])
             self.path, self.query = "/v1/realtime", [("model", "gpt-realtime")]
+            client_tls = self.peer_tls is not None
         else:
             parts = urlsplit(cfg.url)
-            if parts.scheme != "ws" or parts.hostname is None:
-                raise ValueError("the engine speaks ws:// only (loopback benchmarks)")
-            self.target = (parts.hostname, parts.port or 80)
+            if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+                raise ValueError("the engine speaks ws:// and wss:// only")
+            client_tls = parts.scheme == "wss"
+            self.target = (parts.hostname, parts.port or (443 if client_tls else 80))
             self.path = parts.path or "/"
             self.query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
                           if k not in ("rs_key", "rs_sessid")]
         self.host_header = f"{self.target[0]}:{self.target[1]}"
+        self.client_tls = ssl.create_default_context(cafile=cfg.ca) if client_tls else None
         self.clients: list[Client] = []
         self.live: list[Client] = []
         self.connecting: set[Client] = set()
@@ -744,7 +848,8 @@ class Engine:
         assert self.peer_address is not None
         gc.disable()  # as in run(): a collection would be latency that is the peer's, not the relay's
         host, port = self.peer_address
-        sys.stdout.write(f"perf.engine peer listening ws://{host}:{port}\n")
+        scheme = "ws" if self.peer_tls is None else "wss"
+        sys.stdout.write(f"perf.engine peer listening {scheme}://{host}:{port}\n")
         sys.stdout.flush()
         while True:
             self.loop(lambda: False, 3600)
@@ -872,6 +977,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--watch", action="append", default=[], metavar="NAME=PID",
                    help="sample this process's CPU over the measured window")
     p.add_argument("--samples", action="store_true", help="include raw latency samples (µs) in the JSON")
+    p.add_argument("--peer-cert", metavar="PEM", help="the peer serves TLS with this certificate chain")
+    p.add_argument("--peer-key", metavar="PEM", help="the private key of --peer-cert")
+    p.add_argument("--ca", metavar="PEM", help="clients trust this CA for wss:// (default: the system's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
     for name, v in (("--sessions", a.sessions), ("--rate", a.rate), ("--window", a.window),
@@ -882,6 +990,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool, bool]:
         p.error("--sessions must be below 1,000,000 (6-digit ids)")
     if a.no_peer and not a.url:
         p.error("--no-peer needs --url (where the clients connect)")
+    if (a.peer_cert is None) != (a.peer_key is None):
+        p.error("--peer-cert and --peer-key go together")
     watch = {}
     for w in a.watch:
         name, _, pid = w.rpartition("=")
@@ -892,7 +1002,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool, bool]:
                  pattern=a.pattern, rate=a.rate, frame_ms=a.frame_ms, frame_bytes=a.frame_bytes, window=a.window,
                  duration=a.duration, warmup=a.warmup, drain=a.drain, connect_concurrency=a.connect_concurrency,
                  transcript_every=a.transcript_every, response_every=a.response_every, peer_fd=a.peer_fd,
-                 no_peer=a.no_peer, watch=watch, samples=a.samples)
+                 no_peer=a.no_peer, watch=watch, samples=a.samples, peer_cert=a.peer_cert, peer_key=a.peer_key,
+                 ca=a.ca)
     return cfg, a.peer_only, a.json
 
 

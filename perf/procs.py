@@ -18,17 +18,17 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import attrs
 import trio
+
+from common.config import Settings
 
 from perf.cpu import cpu_times, stat_fields  # cpu_times re-exported: the benchmarks read CPU through procs
 
 BIN = Path(sys.executable).parent
 DAEMON_LOG_LEVEL = "WARNING"  # per-session INFO lines are not on the per-frame path; keep the logs small
-_CONFIG_KEYS = {
-    "ZMQ_SOCKET_PATH", "ZMQ_TIMEOUT_MS", "DB_PATH", "DB_ENCRYPTION_KEY", "OPENAI_API_KEY", "UPSTREAM_URL",
-    "GEMINI_API_KEY", "GEMINI_URL", "HOST", "PORT", "METRICS_PORT", "MAX_PAYLOAD_LENGTH", "IDLE_TIMEOUT",
-    "MAX_SESSIONS", "SHUTDOWN_GRACE", "SPOOL_DIR", "LOG_LEVEL", "LOG_ACCOUNT", "LOG_FORMAT", "WORKERS",
-}
+# Every key the daemons read: none may leak in from the environment the benchmarks run in.
+_CONFIG_KEYS = {name.upper() for name in attrs.fields_dict(Settings)}
 _emails = itertools.count()
 
 

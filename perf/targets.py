@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from perf.bench_relay import PIPELINE_WINDOW, TARGET_SESSIONS
 from perf.report import fmt, table
 
 MET, NOT_MET, NOT_MEASURED = "MET", "NOT MET", "NOT MEASURED"
-TARGET_SESSIONS = 150
+REPORTED = "REPORTED"  # a figure the issue asks to see, with no goal to meet
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,29 @@ class Target:
     goal: str
     benchmark: str
     read: Callable[[dict[str, Any]], tuple[float | None, str]]  # (value, shown text) from that benchmark's results
-    ok: Callable[[float], bool]
+    ok: Callable[[float], bool] | None  # None: reported, not judged
 
 
 def _point_at(relay: dict[str, Any], at_least: int) -> dict[str, Any] | None:
     """The smallest tried N ≥ at_least (the (c) points and the capacity search share the same shape)."""
     points = sorted(relay["realtime"], key=lambda p: p["sessions"])
     return next((p for p in points if p["sessions"] >= at_least), None)
+
+
+Reading = Callable[[dict[str, Any]], tuple[float | None, str]]
+
+
+def tls_path(read: Reading) -> Reading:
+    """Judge a relay target on the TLS path (production's), and show the plain ws:// path's figure beside it."""
+    def both(relay: dict[str, Any]) -> tuple[float | None, str]:
+        value, shown = read(relay["tls"])
+        plain = relay.get("plain")
+        try:
+            beside = read(plain)[1] if plain else "not run"
+        except (KeyError, TypeError, IndexError):
+            beside = "not run"
+        return value, f"TLS: {shown} | plain ws://: {beside}"
+    return both
 
 
 def _capacity(r: dict[str, Any]) -> tuple[float | None, str]:
@@ -50,20 +67,23 @@ def _workers(r: dict[str, Any]) -> tuple[float | None, str]:
     spread = "/".join(map(str, w["sessions_per_worker"]))
     shown = (f"×{fmt(w['ratio_us_per_message'])} ({fmt(w['us_per_relayed_message'])} vs "
              f"{fmt(w['one_process_us_per_relayed_message'])} µs) with {w['workers']} workers at "
-             f"{w['sessions_per_process']} sessions each; sessions per worker {spread}; {w['lost']} lost")
+             f"{w['sessions_per_process']} sessions each; sessions per worker {spread}; {w['lost']} lost; "
+             f"p99 {fmt((w.get('latency_ms') or {}).get('p99'))} ms")
     if w["lost"] or w["connect_failed"] or min(w["sessions_per_worker"]) == 0:
         return float("inf"), shown + " — not every worker served, or frames were lost"
     return w["ratio_us_per_message"], shown
 
 
-def _p999(r: dict[str, Any]) -> tuple[float | None, str]:
-    p = _point_at(r, TARGET_SESSIONS)
-    if p is None:
-        return None, f"no run at ≥{TARGET_SESSIONS} sessions"
-    v = p["added_ms"]["p99.9"]
-    if not p.get("baseline_ok", True):  # the difference of two saturated runs says nothing about switchd
-        return None, f"{fmt(v)} ms at {p['sessions']} sessions, but the direct baseline was saturated there"
-    return v, f"{fmt(v)} ms at {p['sessions']} sessions"
+def _added_at(q: str) -> Reading:
+    def read(r: dict[str, Any]) -> tuple[float | None, str]:
+        p = _point_at(r, TARGET_SESSIONS)
+        if p is None:
+            return None, f"no run at ≥{TARGET_SESSIONS} sessions"
+        v = p["added_ms"][q]
+        if not p.get("baseline_ok", True):  # the difference of two saturated runs says nothing about switchd
+            return None, f"{fmt(v)} ms at {p['sessions']} sessions, but the direct baseline was saturated there"
+        return v, f"{fmt(v)} ms at {p['sessions']} sessions"
+    return read
 
 
 def _lost(r: dict[str, Any]) -> tuple[float | None, str]:
@@ -79,27 +99,57 @@ def _lost(r: dict[str, Any]) -> tuple[float | None, str]:
 
 def _cpu_per_msg(r: dict[str, Any]) -> tuple[float | None, str]:
     # Judged at the load the capacity target names: per-message cost falls as load rises (more
-    # messages per wake-up), so the other points are shown beside it.
-    p = _point_at(r, TARGET_SESSIONS) or (r["realtime"][-1] if r["realtime"] else None)
-    if p is None or p["switchd_us_per_relayed_message"] is None:
+    # messages per wake-up), so the other points are shown beside it. Below that load it is shown, not judged.
+    p = _point_at(r, TARGET_SESSIONS)
+    shown_p = p or (r["realtime"][-1] if r["realtime"] else None)
+    if shown_p is None or shown_p["switchd_us_per_relayed_message"] is None:
         return None, "not measured"
-    v = p["switchd_us_per_relayed_message"]
+    judged = p is not None and p.get("baseline_ok", True)
+    v = shown_p["switchd_us_per_relayed_message"]
     split = ""
-    if p.get("switchd_user_us_per_relayed_message") is not None:
-        split = (f" = {fmt(p['switchd_user_us_per_relayed_message'])} user + "
-                 f"{fmt(p['switchd_system_us_per_relayed_message'])} sys")
+    if shown_p.get("switchd_user_us_per_relayed_message") is not None:
+        split = (f" = {fmt(shown_p['switchd_user_us_per_relayed_message'])} user + "
+                 f"{fmt(shown_p['switchd_system_us_per_relayed_message'])} sys")
     others = ", ".join(f"{fmt(q['switchd_us_per_relayed_message'], 0)} at {q['sessions']}" for q in r["realtime"]
-                       if q is not p and q["sessions"] > 1 and q["switchd_us_per_relayed_message"] is not None)
-    return v, (f"{fmt(v)} µs{split} at {p['sessions']} sessions ({fmt(p['switchd_cpu_pct_of_core'], 0)}% of a core)"
-               + (f"; {others}" if others else ""))
+                       if q is not shown_p and q["sessions"] > 1 and q["switchd_us_per_relayed_message"] is not None)
+    shown = (f"{fmt(v)} µs{split} at {shown_p['sessions']} sessions ({fmt(shown_p['switchd_cpu_pct_of_core'], 0)}% "
+             f"of a core)" + (f"; {others}" if others else ""))
+    # A saturated machine batches more messages per wake-up: its lower cost per message is not a pass.
+    if p is not None and not p.get("baseline_ok", True):
+        shown += " — the direct baseline was saturated there"
+    elif p is not None and not p.get("holds", True):
+        shown += " — while that point missed its latency limits"
+    return (v if judged else None), shown
 
 
 def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
+    """switchd's added median round trip over the asyncio + websockets relay's, measured in the same rounds."""
     c = r["closed_loop"]
-    v = c["added_median_rtt_us"]
+    ws = c["websockets_relay"]
     direct, through = c["p50_ms"]["direct"] * 1000, c["p50_ms"]["through"] * 1000
-    return v, (f"{fmt(v, 0)} µs (p50 {fmt(direct, 0)} → {fmt(through, 0)} µs, direct to a peer process); the two "
-               f"wake-ups any relay adds cost {fmt(c.get('two_wakeups_us'), 0)} µs here")
+    shown = (f"switchd +{fmt(c['added_median_rtt_us'], 0)} µs vs websockets relay +{fmt(ws['added_p50_us'], 0)} µs "
+             f"(×{fmt(c['added_over_websockets_relay'])}; p50 direct {fmt(direct, 0)}, switchd {fmt(through, 0)} µs)")
+    if ws["added_p50_us"] is None or ws["added_p50_us"] <= 0:
+        return None, shown + " — the relay added nothing measurable, no bar"
+    return c["added_over_websockets_relay"], shown
+
+
+def _pipelined(r: dict[str, Any]) -> tuple[float | None, str]:
+    f = r["pipelined"]
+    fps = f["frames_per_s"]
+    relays = f.get("relays") or {}
+    ws = (relays.get("websockets") or {}).get("ratio_to_direct")
+    return fps["ratio"], (f"×{fmt(fps['ratio'])} ({fmt(fps['through'])} vs {fmt(fps['direct'])} frames/s direct, "
+                          f"{f['window']} in flight; websockets relay ×{fmt(ws)})")
+
+
+def _memory(key: str) -> Reading:
+    def read(r: dict[str, Any]) -> tuple[float | None, str]:
+        m = r.get("memory")
+        if not m or m.get(key) is None:
+            return None, "not measured"
+        return m[key], f"{fmt(m[key] / 1024, 1)} KiB per session ({m['sessions']} sessions, switchd's RSS)"
+    return read
 
 
 def _overload(r: dict[str, Any]) -> tuple[float | None, str]:
@@ -129,18 +179,29 @@ def _switchdb_stall(r: dict[str, Any]) -> tuple[float | None, str]:
 
 
 TARGETS: list[Target] = [
+    # The relay's targets are judged on the TLS path (production's provider is always wss://); the
+    # plain ws:// path's figure is shown beside each.
+    Target("added median RTT over direct, switchd / asyncio + websockets relay (1 session, closed loop, 1 KB)",
+           "< 1×", "relay", tls_path(_added_rtt), lambda v: v < 1),
+    Target(f"pipelined throughput (1 session, {PIPELINE_WINDOW} in flight, 1 KB) through switchd / direct",
+           "≥ 0.8×", "relay", tls_path(_pipelined), lambda v: v >= 0.8),
     Target("realtime sessions per switchd process (p99 added ≤ 5 ms, p99.9 ≤ 20 ms, 0 lost)", "≥ 150", "relay",
-           _capacity,
-           lambda v: v >= TARGET_SESSIONS),
+           tls_path(_capacity), lambda v: v >= TARGET_SESSIONS),
+    Target(f"p99 added latency at {TARGET_SESSIONS} realtime sessions", "≤ 5 ms", "relay", tls_path(_added_at("p99")),
+           lambda v: v <= 5),
+    Target(f"p99.9 added latency at {TARGET_SESSIONS} realtime sessions", "≤ 20 ms", "relay",
+           tls_path(_added_at("p99.9")), lambda v: v <= 20),
+    Target(f"frames lost at {TARGET_SESSIONS} realtime sessions", "0", "relay", tls_path(_lost), lambda v: v == 0),
     # Near-linear: each added core (one more worker) brings at least 80 % of a whole process's capacity.
     Target("worker processes sharing the port: CPU per message vs one process at the same per-process load",
-           "≤ 1.25×", "relay", _workers, lambda v: v <= 1.25),
-    Target(f"p99.9 added latency at {TARGET_SESSIONS} realtime sessions", "≤ 20 ms", "relay", _p999,
-           lambda v: v <= 20),
-    Target(f"frames lost at {TARGET_SESSIONS} realtime sessions", "0", "relay", _lost, lambda v: v == 0),
-    Target("switchd CPU per relayed audio message", "≤ 20 µs", "relay", _cpu_per_msg, lambda v: v <= 20),
-    Target("added median RTT over direct (1 session, closed loop, 1 KB)", "≤ 100 µs", "relay", _added_rtt,
-           lambda v: v <= 100),
+           "≤ 1.25×", "relay", tls_path(_workers), lambda v: v <= 1.25),
+    Target(f"switchd CPU per relayed message at {TARGET_SESSIONS} realtime sessions", "≤ 25 µs", "relay",
+           tls_path(_cpu_per_msg), lambda v: v <= 25),
+    # Reported, not judged: the bound is the connection layer's stated limit, not a benchmark goal.
+    Target("switchd memory per idle session", "reported", "relay", tls_path(_memory("idle_bytes_per_session")),
+           None),
+    Target("switchd memory per session holding a maximal partial frame", "reported", "relay",
+           tls_path(_memory("partial_frame_bytes_per_session")), None),
     Target("overload graceful: new sessions past MAX_SESSIONS vs the held ones", "all 503, held p99 +≤ 5 ms",
            "overload", _overload, lambda v: v == 1),
     Target("metering cost on an audio frame", "≤ 1 µs", "metering",
@@ -169,7 +230,7 @@ def evaluate(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
             except (KeyError, TypeError, IndexError) as exc:
                 shown = f"unreadable result ({exc!r})"
             if value is not None and value == value:
-                status = MET if t.ok(value) else NOT_MET
+                status = REPORTED if t.ok is None else MET if t.ok(value) else NOT_MET
         rows.append({"target": t.name, "goal": t.goal, "measured": shown, "value": value, "status": status,
                      "benchmark": t.benchmark})
     return rows

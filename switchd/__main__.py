@@ -25,19 +25,30 @@ async def _main() -> None:
         bound = await nursery.start(partial(serve, settings, reuse_port=WORKER_ENV in os.environ))
         # The one line tests and launchers wait for.
         sys.stdout.write(
-            f"switchd listening ws://{settings.host}:{bound.port} metrics http://{settings.host}:{bound.metrics_port}\n"
+            f"switchd listening {bound.scheme}://{settings.host}:{bound.port}"
+            f" metrics http://{settings.metrics_host}:{bound.metrics_port}\n"
         )
         sys.stdout.flush()
+
+
+def _alone(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (a nursery wraps what a start raised)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def main() -> None:
     try:
         trio.run(_main)
-    except SwitchError as exc:
-        sys.stderr.write(f"switchd: {exc.message}\n")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(0)
+    except BaseException as exc:
+        error = _alone(exc)
+        if isinstance(error, SwitchError):  # a configuration error found at start: the message, no traceback
+            sys.stderr.write(f"switchd: {error.message}\n")
+            sys.exit(2)
+        if isinstance(error, KeyboardInterrupt):
+            sys.exit(0)
+        raise
 
 
 if __name__ == "__main__":

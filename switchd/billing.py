@@ -1,10 +1,12 @@
-"""Usage on its way to switchdb: a session's ledger, the switch-wide outbox, and the spool.
+"""Usage on its way to switchdb: a session's ledger, the switch-wide outbox, and the journal behind both.
 
-A session adds each provider report to its ledger's running totals and lowers its local
-balance; its batcher task turns the totals into a batch every 5 reports or 2 s and waits for
-switchdb's acknowledgement, retrying while switchdb is away. What a session still holds when
-it ends goes to the outbox, whose workers keep retrying; what the outbox still holds when the
-daemon's shutdown grace runs out is written to the spool and sent first at the next start.
+A session meters each provider report into its ledger, which appends it to this process's
+journal (switchd.journal) before the frame that carries it is forwarded, and lowers the local
+balance; its batcher task turns the running totals into a batch every 5 reports or 2 s, fixes
+the batch in the journal, sends it and records switchdb's acknowledgement there, retrying while
+switchdb is away or fails. What a session still holds when it ends goes to the outbox, whose
+workers keep retrying. What is unacknowledged when the process stops or dies stays in its
+journal; the next start on the same SPOOL_DIR delivers it, exactly once.
 """
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import logging
 import math
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
+import attrs
 import trio
 
 from common.dbclient import DbClient
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MessageType
+from switchd.journal import Batch, Journal, Report, check_fsync, find_orphans, new_batches
+from switchd.metering import meter
 from switchd.upstream import backoff
 
 log = logging.getLogger(__name__)
@@ -29,29 +34,49 @@ log = logging.getLogger(__name__)
 BATCH_REPORTS = 5
 FLUSH_INTERVAL_S = 2.0
 OUTBOX_WORKERS = 8
+# Replies that say the batch itself can never be recorded: kept aside as rejected. Anything else
+# (INTERNAL_DB_UNAVAILABLE, INTERNAL_ERROR, a storage error, a code this build does not know) is retried.
+PERMANENT = frozenset({
+    ErrorCode.INTERNAL_BAD_USAGE, ErrorCode.INTERNAL_MALFORMED_MESSAGE, ErrorCode.INTERNAL_UNKNOWN_TYPE,
+    ErrorCode.EXTERNAL_BAD_PARAMS, ErrorCode.EXTERNAL_NOT_FOUND,
+})
 
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    batch_id: str
-    account_id: str
-    session_id: str
-    provider: str
-    model: str
-    usage_json: str
+__all__ = ["Batch", "Ledger", "Outbox", "record", "run_batcher"]
 
 
 class Ledger:
     """One session's unflushed usage and its local view of the account's balance."""
 
-    def __init__(self, account_id: str, session_id: str, model: str, credits: int) -> None:
+    def __init__(
+        self, account_id: str, session_id: str, model: str, credits: int, journal: Journal | None = None
+    ) -> None:
         self.account_id = account_id
         self.session_id = session_id
         self.model = model
         self.credits = credits
+        self.journal = journal  # None only in unit tests of the arithmetic
         self.totals = UsageTotals()
         self.inflight: Batch | None = None  # taken, sent, not yet acknowledged
         self.wake = trio.Event()  # set on the first pending report and when a batch is full
+        self._seqs: list[int] = []  # the journal's numbers of the reports in `totals`
+
+    def add(self, event: Mapping[str, object]) -> int:
+        """Meter a usage event into the totals and journal it; returns the tokens it deducts.
+
+        Call it before forwarding the event's frame: once this returns, the report survives the
+        process's death. An event without usage writes nothing.
+        """
+        report = UsageTotals()
+        tokens = meter(event, report)
+        if not report.reports:
+            return 0
+        self.totals.merge(report)
+        if self.journal is not None:
+            self._seqs.append(
+                self.journal.report(Report(self.account_id, self.session_id, self.model, report.to_json()))
+            )
+        self.added(tokens)
+        return tokens
 
     def added(self, tokens: int) -> None:
         """Account for a report just added to `totals`."""
@@ -60,11 +85,15 @@ class Ledger:
             self.wake.set()
 
     def take_batch(self) -> Batch | None:
+        """The totals as a new batch, fixed in the journal (id included) before anyone sends it."""
         if not self.totals.reports:
             return None
         batch = Batch(
             uuid.uuid4().hex, self.account_id, self.session_id, "openai", self.model, self.totals.to_json()
         )
+        if self.journal is not None:
+            self.journal.batch(batch, tuple(self._seqs))
+        self._seqs = []
         self.totals = UsageTotals()
         self.wake = trio.Event()
         return batch
@@ -74,21 +103,29 @@ class Ledger:
         self.credits = credits - self.totals.tokens
 
 
-async def record(db: DbClient, batch: Batch) -> int:
-    """RECORD_USAGE until acknowledged (idempotent by batch id); returns the account's new balance."""
+async def record(db: DbClient, batch: Batch, journal: Journal | None = None) -> int:
+    """RECORD_USAGE until acknowledged (idempotent by batch id); returns the account's new balance.
+
+    Sent only once the batch is in the journal. Raises SwitchError only when switchdb refuses
+    the batch itself for good (PERMANENT); every other failure is retried with backoff.
+    """
     attempt = 0
     while True:
-        try:
-            fields = await db.request(
-                MessageType.RECORD_USAGE, batch.batch_id, batch.account_id, batch.session_id,
-                batch.provider, batch.model, batch.usage_json,
-            )
-            return int(fields[0])
-        except SwitchError as exc:
-            if exc.code != ErrorCode.INTERNAL_DB_UNAVAILABLE:
-                raise
+        if journal is None or journal.written(batch.batch_id):
+            try:
+                fields = await db.request(
+                    MessageType.RECORD_USAGE, batch.batch_id, batch.account_id, batch.session_id,
+                    batch.provider, batch.model, batch.usage_json,
+                )
+                return int(fields[0])
+            except SwitchError as exc:
+                if exc.code in PERMANENT:
+                    raise
+                reason = str(exc.code)
+        else:
+            reason = "not journaled yet"
         attempt += 1
-        log.warning("switchdb unavailable, usage batch %s retry %d", batch.batch_id, attempt)
+        log.warning("usage batch %s not recorded (%s), retry %d", batch.batch_id, reason, attempt)
         await trio.sleep(backoff(min(attempt, 4)))
 
 
@@ -103,7 +140,9 @@ async def run_batcher(ledger: Ledger, db: DbClient) -> None:
         ledger.inflight = ledger.take_batch()
         if ledger.inflight is None:
             continue
-        credits = await record(db, ledger.inflight)
+        credits = await record(db, ledger.inflight, ledger.journal)
+        if ledger.journal is not None:
+            ledger.journal.ack(ledger.inflight.batch_id)
         ledger.inflight = None
         ledger.acknowledged(credits)
         if ledger.credits <= 0:
@@ -111,7 +150,8 @@ async def run_batcher(ledger: Ledger, db: DbClient) -> None:
 
 
 def spool_lines(batches: list[Batch]) -> str:
-    return "".join(json.dumps(asdict(b), separators=(",", ":")) + "\n" for b in batches)
+    """Batches as JSON lines: the rejected-*.jsonl files, and the spool files of earlier versions."""
+    return "".join(json.dumps(attrs.asdict(b), separators=(",", ":")) + "\n" for b in batches)
 
 
 def parse_spool(text: str) -> list[Batch]:
@@ -122,7 +162,7 @@ def parse_spool(text: str) -> list[Batch]:
             continue
         try:
             data = json.loads(line)
-            if not isinstance(data, dict) or set(data) != set(Batch.__dataclass_fields__):
+            if not isinstance(data, dict) or set(data) != set(attrs.fields_dict(Batch)):
                 raise ValueError("not a batch")
             if not all(isinstance(v, str) for v in data.values()):
                 raise ValueError("fields must be strings")
@@ -133,23 +173,62 @@ def parse_spool(text: str) -> list[Batch]:
     return batches
 
 
-class Outbox:
-    """Batches that outlived their session, delivered by the daemon until acknowledged."""
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
-    def __init__(self, spool_dir: Path) -> None:
+
+class Outbox:
+    """This process's journal, and the batches delivered by the daemon until acknowledged: those
+    that outlived their session, and those journaled by processes that died."""
+
+    def __init__(self, spool_dir: Path, fsync: str = "off") -> None:
         self.spool_dir = spool_dir
+        self.fsync = check_fsync(fsync)
+        self.journal: Journal | None = None  # opened by load_spool
         self.unacked: dict[str, Batch] = {}
+        self._journal_of: dict[str, Journal | None] = {}
+        self._adopted: list[Journal] = []  # journals of dead processes, deleted once they owe nothing
         self._send, self._receive = trio.open_memory_channel[Batch](math.inf)
         self._changed = trio.Event()
-        self._replayed: list[Path] = []  # spool files read at start, removed once their batches are safe
 
-    def submit(self, batch: Batch) -> None:
+    def submit(self, batch: Batch, journal: Journal | None = None) -> None:
+        """Deliver a batch already in `journal` (this process's by default)."""
+        if batch.batch_id in self.unacked:  # an old spool file replayed twice: one delivery is enough
+            return
         self.unacked[batch.batch_id] = batch
+        self._journal_of[batch.batch_id] = journal or self.journal
         self._send.send_nowait(batch)
 
     def load_spool(self) -> int:
-        """Queue every spooled batch; a file that cannot be parsed is renamed aside and reported."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        """Open this process's journal and queue everything dead processes left in SPOOL_DIR.
+
+        The journals of dead processes: unacknowledged batches again with their own ids, reports
+        in no batch as new batches (journaled before they are sent). Spool files of earlier
+        versions are journaled and deleted. An unreadable file is renamed `.bad` and reported.
+        """
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.journal = Journal.create(self.spool_dir, self.fsync)
+        except OSError as exc:
+            raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, f"cannot write a journal in SPOOL_DIR ({exc})") from None
+        count = 0
+        for journal in find_orphans(self.spool_dir, self.fsync, own=self.journal.path).journals:
+            for batch, seqs in new_batches(journal.state.pending, _new_id):
+                journal.batch(batch, seqs)
+            if not journal.state.unacked:
+                journal.close(delete=True)
+                continue
+            self._adopted.append(journal)
+            for batch in list(journal.state.unacked.values()):
+                self.submit(batch, journal)
+                count += 1
+        count += self._import_spool_files()
+        if count:
+            log.info("replaying %d journaled usage batches", count)
+        return count
+
+    def _import_spool_files(self) -> int:
+        assert self.journal is not None
         count = 0
         for path in sorted(self.spool_dir.glob("usage-*.jsonl")):
             try:
@@ -160,11 +239,12 @@ class Outbox:
                 log.error("spool file %s cannot be read (%s); kept as %s", path.name, exc, aside.name)
                 continue
             for batch in batches:
+                if batch.batch_id in self.unacked:  # already journaled by a start that died before the unlink
+                    continue
+                self.journal.batch(batch, ())  # same ids: journaled twice if we die before the unlink, counted once
                 self.submit(batch)
-            self._replayed.append(path)
+            path.unlink()
             count += len(batches)
-        if count:
-            log.info("replaying %d spooled usage batches", count)
         return count
 
     async def run(self, db: DbClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -175,42 +255,50 @@ class Outbox:
 
     async def _deliver(self, db: DbClient, receive: trio.MemoryReceiveChannel[Batch]) -> None:
         async for batch in receive:
+            journal = self._journal_of[batch.batch_id]
+            done = True
             try:
-                await record(db, batch)
+                await record(db, batch, journal)
             except SwitchError as exc:
                 # switchdb refused the batch itself (not an outage): keep it aside for the operator.
-                log.error("switchdb refused usage batch %s (%s); spooled as rejected", batch.batch_id, exc.code)
-                self._write(batch_list=[batch], prefix="rejected")
-            del self.unacked[batch.batch_id]
+                log.error("switchdb refused usage batch %s (%s); kept as rejected", batch.batch_id, exc.code)
+                done = self._write_rejected(batch)
+            if journal is not None and done:
+                journal.ack(batch.batch_id)
+                if not journal.live and not journal.state.owes:
+                    self._adopted.remove(journal)
+                    journal.close(delete=True)
+            del self.unacked[batch.batch_id], self._journal_of[batch.batch_id]
             self._changed.set()
             self._changed = trio.Event()
-            if not self.unacked:
-                self._forget_replayed()
 
     async def drained(self) -> None:
         while self.unacked:
             await self._changed.wait()
 
-    def spill(self) -> Path | None:
-        """Write every unacknowledged batch to a new spool file (at shutdown)."""
-        path = self._write(list(self.unacked.values()), prefix="usage") if self.unacked else None
-        if path is not None:
-            log.warning("spooled %d undelivered usage batches to %s", len(self.unacked), path)
-        self._forget_replayed()
-        return path
+    def close(self) -> int:
+        """At shutdown: what is unacknowledged stays journaled for the next start; returns how many batches."""
+        left = 0
+        for journal in (self.journal, *self._adopted):
+            if journal is not None:
+                left += len(journal.state.unacked) + len(new_batches(journal.state.pending, _new_id))
+                journal.close(delete=not journal.state.owes)
+        if left:
+            log.warning("%d usage batches left in the journal for the next start", left)
+        self.journal = None
+        self._adopted.clear()
+        return left
 
-    def _write(self, batch_list: list[Batch], prefix: str) -> Path:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spool_dir / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+    def _write_rejected(self, batch: Batch) -> bool:
+        path = self.spool_dir / f"rejected-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(spool_lines(batch_list))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(path)
-        return path
-
-    def _forget_replayed(self) -> None:
-        for path in self._replayed:
-            path.unlink(missing_ok=True)
-        self._replayed.clear()
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(spool_lines([batch]))
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(path)
+        except OSError as exc:
+            log.error("rejected usage batch %s stays in the journal (%s)", batch.batch_id, exc)
+            return False
+        return True

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
+
+import attrs
 
 from common.errors import ErrorCode, SwitchError
+from common.logs import escape_controls
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KEY = re.compile(r"[\x21-\x7e]{1,256}")
@@ -23,8 +25,14 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.EXTERNAL_OVER_CAPACITY: 503,
 }
 
+# A parameter name: what follows a separator (or the start) up to `=`. Not consumed with its
+# value, so a name inside another parameter's value is still found.
+_NAME = re.compile(r"(?:^|(?<=[?#&;/=]))([^?#&;/=]*)=")
+# A hidden value runs to the next & or ; so that a key holding `?`, `#`, `=` or `/` is hidden whole.
+_VALUE_END = re.compile(r"[&;\s]|$")
 
-@dataclass(frozen=True, slots=True)
+
+@attrs.frozen
 class ClientParams:
     key: str
     session_id: str
@@ -63,11 +71,35 @@ def parse_client_request(
     return ClientParams(key, session_id, api, model, "realtime" if "realtime" in subprotocols else None)
 
 
-def redact(path: str) -> str:
-    """The request path with the rs_key value hidden, for logs."""
-    parts = urlsplit(path)
-    query = [(k, "***" if k == "rs_key" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+def check_request_head(start: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Refuse what a WebSocket upgrade never needs and request smuggling relies on (400)."""
+    if "\x00" in start or any(b"\x00" in name or b"\x00" in value for name, value in headers):
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "NUL byte in the request head")
+    if not start.endswith(" HTTP/1.1"):
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "HTTP/1.1 is required")
+    names = {name.lower() for name, _ in headers}
+    if b"transfer-encoding" in names:
+        # With a Content-Length too it is the classic smuggling shape; alone, a body an upgrade has no use for.
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "Transfer-Encoding on an upgrade request")
+    lengths = [value.strip() for name, value in headers if name.lower() == b"content-length"]
+    if any(length != b"0" for length in lengths):
+        # Body bytes would be read as the client's first WebSocket frames.
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a body on an upgrade request")
+
+
+def redact(target: str) -> str:
+    """The request target for a log line: every rs_key value hidden, wherever it appears (query,
+    fragment, path, percent-encoded name), and control characters escaped."""
+    shown: list[str] = []
+    pos = 0
+    for match in _NAME.finditer(target):
+        if match.start() < pos or unquote_plus(match.group(1)).strip().lower() != "rs_key":
+            continue
+        end = _VALUE_END.search(target, match.end())
+        shown += [target[pos : match.end()], "%2A%2A%2A"]
+        pos = end.start() if end else len(target)
+    shown.append(target[pos:])
+    return escape_controls("".join(shown))
 
 
 def upstream_url(base: str, model: str | None) -> str:

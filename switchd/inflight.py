@@ -38,9 +38,9 @@ class InFlight:
     def settled(self) -> bool:
         return not (self.responses or self.transcriptions or self.expected)
 
-    def requested(self) -> None:
-        """The client sent response.create."""
-        self.expected = min(self.expected + 1, MAX_TRACKED)
+    def requested(self, count: int = 1) -> None:
+        """The provider has `count` more response.create from the client."""
+        self.expected = min(self.expected + count, MAX_TRACKED)
 
     def observe(self, event: Mapping[str, object]) -> None:
         """Feed a parsed upstream event. Never raises."""

@@ -37,12 +37,6 @@ ACTIONABLE: frozenset[str] = USAGE_TYPES | TRANSCRIPT_TYPES | WATCHED | {"sessio
 
 _TYPE_FIRST = '{"type":"'
 _TYPE_AT = len(_TYPE_FIRST)
-# Transcript deltas only add conversation text: relayed as they come, read afterwards (the pump
-# forwards them with the audio). By the peek's argument above, the closing quote makes each
-# prefix one type; a frame laid out otherwise is handed to the reader and parsed.
-OBSERVED_PREFIXES: tuple[bytes, ...] = tuple(
-    f'{_TYPE_FIRST}{kind}"'.encode() for kind in sorted({USER_DELTA, *AGENT_DELTAS})
-)
 
 
 def upstream_event(frame: str) -> dict | None:
@@ -62,9 +56,9 @@ def upstream_event(frame: str) -> dict | None:
         return None
     if type(event) is not dict:
         return None
-    kind = event.get("type")
+    parsed = event.get("type")
     # The parsed type is what counts (it also settles a duplicate "type" key the peek saw first).
-    return event if type(kind) is str and kind in ACTIONABLE else None
+    return event if type(parsed) is str and parsed in ACTIONABLE else None
 
 
 def meter(event: Mapping, totals: UsageTotals) -> int:

@@ -1,23 +1,28 @@
-"""Counters for /metrics (Prometheus text format) and the tiny HTTP server for /metrics and /healthz."""
+"""Counters for /metrics (Prometheus text format) and the tiny HTTP server for /metrics and /healthz.
+
+The server binds METRICS_HOST (loopback by default: neither page has any auth), and /healthz
+answers from a PING to switchdb at most once a second, however often it is asked.
+"""
 from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass, field
-
+import attrs
 import trio
 
 from common.dbclient import DbClient
 from common.errors import SwitchError
 from common.wire import MessageType
+from switchd.accept import ResourceAlarm, serve_accepting
 
 log = logging.getLogger(__name__)
 
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 HEALTH_TIMEOUT_S = 1.0
+HEALTH_CACHE_S = 1.0
 
 
-@dataclass(slots=True)
+@attrs.define
 class Metrics:
     sessions_open: int = 0
     sessions_total: int = 0
@@ -26,17 +31,11 @@ class Metrics:
     frames_out: int = 0  # upstream → client
     bytes_in: int = 0
     bytes_out: int = 0
-    # Written by the pump's thread alone (the ones above by the Trio thread alone): no update is lost.
-    pump_frames_in: int = 0
-    pump_frames_out: int = 0
-    pump_bytes_in: int = 0
-    pump_bytes_out: int = 0
-    relay_wakes: int = 0  # frames relayed per wake says how well the pump batches
     tokens_metered: int = 0
     credit_cutoffs: int = 0
     upstream_reconnects: int = 0
     usage_batches_spooled: int = 0
-    rtt_counts: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    rtt_counts: list[int] = attrs.Factory(lambda: [0] * (len(RTT_BUCKETS) + 1))
     rtt_sum: float = 0.0
 
     def observe_rtt(self, seconds: float) -> None:
@@ -55,19 +54,21 @@ class Metrics:
         metric("switch_sessions_total", "counter", "Client sessions accepted.", [("", self.sessions_total)])
         metric("switch_sessions_rejected_total", "counter", "Handshakes rejected.", [("", self.sessions_rejected)])
         metric("switch_frames_relayed_total", "counter", "Frames relayed.",
-               [('{direction="client_to_upstream"}', self.frames_in + self.pump_frames_in),
-                ('{direction="upstream_to_client"}', self.frames_out + self.pump_frames_out)])
+               [('{direction="client_to_upstream"}', self.frames_in),
+                ('{direction="upstream_to_client"}', self.frames_out)])
         metric("switch_bytes_relayed_total", "counter", "Payload characters relayed.",
-               [('{direction="client_to_upstream"}', self.bytes_in + self.pump_bytes_in),
-                ('{direction="upstream_to_client"}', self.bytes_out + self.pump_bytes_out)])
-        metric("switch_relay_wakes_total", "counter", "Wake-ups of the relay's pump (frames per wake: its batching).",
-               [("", self.relay_wakes)])
-        metric("switch_tokens_metered_total", "counter", "Tokens metered from provider usage reports.", [("", self.tokens_metered)])
-        metric("switch_credit_cutoffs_total", "counter", "Sessions cut off for lack of credits.", [("", self.credit_cutoffs)])
-        metric("switch_upstream_reconnects_total", "counter", "Upstream reconnect attempts.", [("", self.upstream_reconnects)])
-        metric("switch_usage_batches_spooled_total", "counter", "Usage batches written to the spool.", [("", self.usage_batches_spooled)])
+               [('{direction="client_to_upstream"}', self.bytes_in),
+                ('{direction="upstream_to_client"}', self.bytes_out)])
+        metric("switch_tokens_metered_total", "counter", "Tokens metered from provider usage reports.",
+               [("", self.tokens_metered)])
+        metric("switch_credit_cutoffs_total", "counter", "Sessions cut off for lack of credits.",
+               [("", self.credit_cutoffs)])
+        metric("switch_upstream_reconnects_total", "counter", "Upstream reconnect attempts.",
+               [("", self.upstream_reconnects)])
+        metric("switch_usage_batches_spooled_total", "counter", "Usage batches left in the journal for the next start.",
+               [("", self.usage_batches_spooled)])
         cumulative, samples = 0, []
-        for bound, count in zip((*RTT_BUCKETS, float("inf")), self.rtt_counts):
+        for bound, count in zip((*RTT_BUCKETS, float("inf")), self.rtt_counts, strict=True):
             cumulative += count
             samples.append((f'{{le="{"+Inf" if bound == float("inf") else bound}"}}', cumulative))
         lines.append("# HELP switch_switchdb_rtt_seconds Round trip of requests to switchdb.")
@@ -78,23 +79,47 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-async def _respond(stream: trio.SocketStream, metrics: Metrics, db: DbClient) -> None:
+class Health:
+    """switchdb's answer to a PING, kept for HEALTH_CACHE_S; one PING in flight at a time."""
+
+    def __init__(self, db: DbClient) -> None:
+        self.db = db
+        self.pings = 0
+        self._lock = trio.Lock()
+        self._answer: str | None = None  # None: healthy; else the error code
+        self._at = -float("inf")
+
+    async def check(self) -> str | None:
+        async with self._lock:
+            if trio.current_time() - self._at >= HEALTH_CACHE_S:
+                self.pings += 1
+                try:
+                    await self.db.request(MessageType.PING, timeout_s=HEALTH_TIMEOUT_S)
+                    self._answer = None
+                except SwitchError as exc:
+                    self._answer = str(exc.code)
+                self._at = trio.current_time()
+            return self._answer
+
+
+async def _respond(stream: trio.abc.Stream, metrics: Metrics, health: Health) -> None:
     request = b""
     with trio.move_on_after(5):
-        while b"\r\n\r\n" not in request and len(request) < 8192:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            request += chunk
+        try:
+            while b"\r\n\r\n" not in request and len(request) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                request += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await trio.aclose_forcefully(stream)  # a reset scraper must not end the daemon
+            return
     path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
     if path == b"/metrics":
         status, body, kind = "200 OK", metrics.render(), "text/plain; version=0.0.4"
     elif path == b"/healthz":
-        try:
-            await db.request(MessageType.PING, timeout_s=HEALTH_TIMEOUT_S)
-            status, body = "200 OK", "ok\n"
-        except SwitchError as exc:
-            status, body = "503 Service Unavailable", f"{exc.code}\n"
+        error = await health.check()
+        status, body = ("200 OK", "ok\n") if error is None else ("503 Service Unavailable", f"{error}\n")
         kind = "text/plain"
     else:
         status, body, kind = "404 Not Found", "not found\n", "text/plain"
@@ -102,16 +127,19 @@ async def _respond(stream: trio.SocketStream, metrics: Metrics, db: DbClient) ->
     head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     try:
         await stream.send_all(head.encode() + data)
-    except trio.BrokenResourceError:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
-        await stream.aclose()
+        await trio.aclose_forcefully(stream)
 
 
 async def serve_metrics(
-    host: str, port: int, metrics: Metrics, db: DbClient, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    host: str, port: int, metrics: Metrics, db: DbClient, *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
+    health = Health(db)
+    alarm = ResourceAlarm("accepting a /metrics request")
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, lambda s: _respond(s, metrics, db), listeners)
+        await nursery.start(serve_accepting, lambda s: _respond(s, metrics, health), listeners, alarm)
         task_status.started(listeners[0].socket.getsockname()[1])

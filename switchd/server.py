@@ -3,30 +3,33 @@
 Three nested nurseries, as in hypercorn's trio runner: the listener (cancelled first, so no new
 sessions start), the sessions (told to close with 1001, then given part of the grace), and the
 daemon's own services (the usage outbox and /metrics), which outlive the sessions so their
-last usage is delivered — or spooled when SHUTDOWN_GRACE runs out.
+last usage is delivered — or spooled when SHUTDOWN_GRACE runs out. The signals are watched for
+the whole run: a second SIGTERM/SIGINT during the shutdown ends the grace at once (sessions cut,
+their usage spooled), it never kills the process with usage in memory.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import signal
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import ssl
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from common.config import Settings
 from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
 from common.wire import MessageType
+from switchd.accept import ResourceAlarm, can_open_socket, serve_accepting
 from switchd.billing import Outbox
-from switchd.handshake import HTTP_STATUS, parse_client_request, redact
+from switchd.handshake import HTTP_STATUS, check_request_head, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
-from switchd.pump import Pump
 from switchd.session import CLEANUP_S, Session, Switch
-from switchd.ws import WsConnection, read_head
+from switchd.wsio import WsConnection, client_ssl_context, read_head
 from switchd.ws_codec import accept_response, check_upgrade_request, reject_response
 
 log = logging.getLogger(__name__)
@@ -37,33 +40,79 @@ HARD_LIMIT_FACTOR = 4
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Bound:
     port: int
     metrics_port: int
+    scheme: str = "ws"  # wss when switchd terminates TLS itself
 
 
-async def wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            return
+class Stop:
+    """SIGTERM/SIGINT, watched for the whole run: the first asks for a graceful shutdown, any
+    later one for the end of the grace now. No signal ever kills the process outright."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.hurried = trio.Event()
+
+    async def watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # What the receiver puts back when it closes, at the very end of the shutdown: a late signal
+        # then finds nothing left to save and must not turn a clean exit into a kill.
+        ignore_stop_signals()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.signal(signal.Signals(signum).name)
+
+    def signal(self, name: str) -> None:
+        if not self.requested.is_set():
+            log.info("received %s, shutting down", name)
+            self.requested.set()
+        elif not self.hurried.is_set():
+            log.warning("received %s again: ending the grace now (sessions cut, undelivered usage kept on disk)", name)
+            self.hurried.set()
 
 
-async def handle(switch: Switch, stream: trio.SocketStream) -> None:
-    """One TCP connection: the upgrade, authentication, then the session."""
+@attrs.frozen
+class Alarms:
+    """Resource failures, counted and logged once per interval (switchd/accept.py)."""
+
+    accept: ResourceAlarm
+    upstream_socket: ResourceAlarm
+
+
+def new_alarms() -> Alarms:
+    return Alarms(ResourceAlarm("accepting a client"), ResourceAlarm("no socket for an upstream: refusing sessions"))
+
+
+async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None = None) -> None:
+    """One connection (TCP, or TLS over it): the upgrade, authentication, then the session."""
     metrics, settings = switch.metrics, switch.settings
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):  # the TLS handshake too: it runs on the first read
             head, rest = await read_head(stream, bytearray())
-        target, key = check_upgrade_request(head)
     except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await _respond(stream, reject_response(426, "a WebSocket upgrade is required"))
+        return
+    try:
+        check_request_head(head.start, head.headers)
+    except SwitchError as exc:
+        await _reject(stream, head.start.split(" ")[1] if head.start.count(" ") >= 2 else "", exc, metrics)
+        return
+    try:
+        target, key = check_upgrade_request(head)
+    except ValueError:
         await _respond(stream, reject_response(426, "a WebSocket upgrade is required"))
         return
     try:
         params = parse_client_request(target, head.headers, head.tokens(b"sec-websocket-protocol"))
         if settings.max_sessions and metrics.sessions_open >= settings.max_sessions:
             raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{settings.max_sessions} sessions open")
+        if alarms is not None:
+            # At the descriptor limit a session could never reach its provider: say so now, cleanly.
+            if (error := can_open_socket()) is not None:
+                alarms.upstream_socket.failed(error)
+                raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, "no file descriptor left for an upstream")
     except SwitchError as exc:
         await _reject(stream, target, exc, metrics)
         return
@@ -87,7 +136,7 @@ async def handle(switch: Switch, stream: trio.SocketStream) -> None:
             return
         metrics.sessions_total += 1
         log.info("session open %s", redact(target), extra={"account": account_id, "session": params.session_id})
-        client = WsConnection(stream, rest, server=True, max_message=_hard_limit(settings))
+        client = WsConnection(stream, bytes(rest), server=True, max_message=_hard_limit(settings))
         await Session(switch, client, params, account_id, int(credits), restore).run()
     finally:
         metrics.sessions_open -= 1
@@ -97,23 +146,37 @@ def _hard_limit(settings: Settings) -> int:
     return max(HARD_LIMIT_FACTOR * settings.max_payload_length, 16 * 1024 * 1024)
 
 
-async def _respond(stream: trio.SocketStream, data: bytes, close: bool = True) -> bool:
+async def _respond(stream: trio.abc.Stream, data: bytes, close: bool = True) -> bool:
     try:
         await stream.send_all(data)
         return True
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return False
     finally:
         if close:
             await trio.aclose_forcefully(stream)
 
 
-async def _reject(stream: trio.SocketStream, target: str, exc: SwitchError, metrics: Metrics) -> None:
+async def _reject(stream: trio.abc.Stream, target: str, exc: SwitchError, metrics: Metrics) -> None:
     metrics.sessions_rejected += 1
     status = HTTP_STATUS.get(exc.code, 500)
     if log.isEnabledFor(logging.INFO):  # a storm of rejections must not pay for lines nobody logs
         log.info("handshake rejected %d %s for %s", status, exc.code, redact(target))
     await _respond(stream, reject_response(status, exc.code.value))
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server context for wss:// when TLS_CERT_FILE and TLS_KEY_FILE are set; a bad file stops the start."""
+    if not settings.tls_cert_file or not settings.tls_key_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])  # WebSocket upgrades are HTTP/1.1; never agree to h2
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG,
+                          f"TLS_CERT_FILE/TLS_KEY_FILE cannot be loaded: {exc}") from None
+    return context
 
 
 async def listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
@@ -132,43 +195,69 @@ async def serve(
     settings: Settings,
     *,
     reuse_port: bool = False,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    stop: Stop | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until `stop` is requested (by default: SIGTERM/SIGINT)."""
+    context = tls_context(settings)  # before anything starts: a bad certificate is a config error
     metrics = Metrics()
-    outbox = Outbox(Path(settings.spool_dir))
-    outbox.load_spool()
+    outbox = Outbox(Path(settings.spool_dir), settings.journal_fsync)
+    outbox.load_spool()  # this process's usage journal, and what dead ones left unacknowledged
     grace = settings.shutdown_grace
+    alarms = new_alarms()
     async with open_db_client(settings.zmq_socket_path, settings.zmq_timeout_ms) as db:
         db.observe_rtt = metrics.observe_rtt
-        switch = Switch(settings, db, metrics, outbox, trio.Event(), Pump(metrics, settings.relay_coalesce_ms / 1000), {})
+        switch = Switch(settings, db, metrics, outbox, trio.Event(), client_ssl_context(settings.upstream_ca_file), {})
         async with trio.open_nursery() as services:
+            if stop is None:
+                stop = Stop()
+                await services.start(stop.watch_signals)
+            await services.start(alarms.upstream_socket.run)
             await services.start(outbox.run, db)
-            await services.start(switch.pump.run)
-            metrics_port = await services.start(serve_metrics, settings.host, settings.metrics_port, metrics, db)
+            metrics_port = await services.start(
+                serve_metrics, settings.metrics_host, settings.metrics_port, metrics, db
+            )
+            drain = trio.CancelScope()
+            deadline = math.inf  # set once stopping; a second signal may cut the sessions before that
             async with trio.open_nursery() as sessions:
+                services.start_soon(_hurry, stop, sessions.cancel_scope, drain)
                 async with trio.open_nursery() as listener:
-                    listeners = await listen(settings.host, settings.port, reuse_port=reuse_port)
-                    port = listeners[0].socket.getsockname()[1]
-                    await listener.start(partial(trio.serve_listeners, partial(handle, switch), listeners,
-                                                 handler_nursery=sessions))
-                    log.info("listening on ws://%s:%d", settings.host, port)
+                    tcp = await listen(settings.host, settings.port, reuse_port=reuse_port)
+                    port = tcp[0].socket.getsockname()[1]
+                    listeners: list[trio.abc.Listener[trio.abc.Stream]] = (
+                        [trio.SSLListener(t, context) for t in tcp] if context is not None else list(tcp)
+                    )
+                    scheme = "ws" if context is None else "wss"
+                    await listener.start(partial(serve_accepting, partial(handle, switch, alarms=alarms), listeners,
+                                                 alarms.accept, handler_nursery=sessions))
+                    log.info("listening on %s://%s:%d", scheme, settings.host, port)
                     # What exists now (modules, trio, the settings) lives as long as the process:
                     # frozen, a full collection no longer walks it, which paused every session
                     # for ~24 ms at 150 sessions.
                     gc.collect()
                     gc.freeze()
-                    task_status.started(Bound(port, metrics_port))
-                    await shutdown_trigger()
+                    task_status.started(Bound(port, metrics_port, scheme))
+                    await stop.requested.wait()
                     listener.cancel_scope.cancel()
                 deadline = trio.current_time() + grace
                 switch.shutdown.set()
                 # Sessions close with 1001 and hand their usage to the outbox; past half the grace they are cut.
                 sessions.cancel_scope.deadline = trio.current_time() + grace / 2
-            with trio.move_on_after(max(0.0, deadline - trio.current_time() - 0.5)):
+            with drain:
+                drain.deadline = deadline - 0.5
                 await outbox.drained()
-            spooled = len(outbox.unacked)
-            outbox.spill()
-            metrics.usage_batches_spooled += spooled
+            metrics.usage_batches_spooled += outbox.close()  # left journaled for the next start
             services.cancel_scope.cancel()
     log.info("stopped")
+
+
+def ignore_stop_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def _hurry(stop: Stop, sessions: trio.CancelScope, drain: trio.CancelScope) -> None:
+    """A second signal: cut the sessions now (their cleanup hands usage over) and spool the rest."""
+    await stop.hurried.wait()
+    sessions.cancel()
+    drain.cancel()

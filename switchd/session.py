@@ -9,8 +9,8 @@ under a deadline: usage goes to the outbox, the conversation to switchdb, then t
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections import deque
 from urllib.parse import parse_qs, urlsplit
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,13 +26,12 @@ from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
 from switchd.inflight import InFlight
-from switchd.metering import AUDIO_DELTA_PREFIX, CLIENT_AUDIO_PREFIX, OBSERVED_PREFIXES, USAGE_TYPES, meter, upstream_event
+from switchd.metering import AUDIO_DELTA_PREFIX, CLIENT_AUDIO_PREFIX, USAGE_TYPES, upstream_event
 from switchd.metrics import Metrics
-from switchd.pump import Lane, Pump
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
-from switchd.ws import Closed, ConnectError, WsConnection, connect
-from switchd.ws_codec import OP_BINARY, OP_TEXT, encode_frame, unmask
+from switchd.websocket import Message
+from switchd.wsio import Closed, ConnectError, WsConnection, connect
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class Switch:
     metrics: Metrics
     outbox: Outbox
     shutdown: trio.Event
-    pump: Pump
+    upstream_tls: ssl.SSLContext  # the provider's certificate is checked against this
     # The latest session of each session id, until its cleanup is done: a client that closed and
     # reconnects at once waits for its last conversation flush before its restore is loaded.
     sessions: dict[str, Session]
@@ -76,17 +75,17 @@ class Session:
         self.account_id = account_id
         self.restore = restore  # the stored session.update, sent first on every upstream connect
         self.url = upstream_url(switch.settings.upstream_url, params.model)
-        self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), credits)
+        self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), credits,
+                             journal=switch.outbox.journal)
         self.conversation = Conversation()
         self.up: WsConnection | None = None  # the open upstream, once restored and drained
-        self.pending: deque[bytes] = deque()  # client frames (as masked bytes) waiting for an upstream
+        self.pending: list[bytes] = []  # client frames (as masked bytes) waiting for an upstream
+        self.pending_requests = 0  # response.create among them
         self.log_extra = {"account": account_id, "session": params.session_id}
         self.done = trio.Event()  # set once cleanup has handed everything over
         self.inflight = InFlight()
         self.client_gone = trio.Event()
         self._inflight_changed = trio.Event()
-        # The client's plain frames go through the pump once there is an upstream to take them.
-        client.lane = Lane(switch.pump, None, switch.settings.max_payload_length, b"", inbound=True)
 
     async def run(self) -> None:
         code, reason, event = CLOSE_NORMAL, "", None
@@ -135,11 +134,8 @@ class Session:
         text = self.conversation.close()
         if text:
             await self.switch.db.send(MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, text)
-        try:
-            if event is not None:
-                await self.client.send_text(event)
-        except Closed:
-            pass
+        if event is not None:
+            await self._to_client_text(event)
         await self.client.aclose(code, reason)
 
     async def _watch_shutdown(self) -> None:
@@ -157,37 +153,47 @@ class Session:
         limit = self.switch.settings.max_payload_length
         while True:
             try:
-                opcode, frame, header = await client.receive()
+                messages = await client.receive()
             except Closed:
                 self.client_gone.set()
                 return
-            if opcode == OP_BINARY:
-                await self._to_client_text(error_event(
-                    ErrorCode.EXTERNAL_BINARY_FRAME,
-                    "Expected a text WebSocket message; binary frames are not supported.",
-                ))
-                continue
-            size = len(frame) - header
-            if size > limit:
-                await self._to_client_text(error_event(
-                    ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, f"Frame of {size} bytes exceeds the {limit}-byte limit."
-                ))
-                continue
-            self._note_request(frame, header)
-            metrics.frames_in += 1
-            metrics.bytes_in += size
-            up = self.up
-            if up is not None:
-                try:
-                    await up.send_raw(frame)  # still masked with the client's key: valid as it stands
+            frames, requests = [], 0
+            for message in messages:
+                if not message.text:
+                    await self._to_client_text(error_event(
+                        ErrorCode.EXTERNAL_BINARY_FRAME,
+                        "Expected a text WebSocket message; binary frames are not supported.",
+                    ))
                     continue
-                except Closed:
-                    pass  # the upstream task reconnects; this frame waits with the others
-            if len(self.pending) >= MAX_PENDING_FRAMES:
-                raise SwitchError(
-                    ErrorCode.EXTERNAL_BUFFER_OVERFLOW, f"more than {MAX_PENDING_FRAMES} frames waiting for the provider"
-                )
-            self.pending.append(frame)
+                if message.size > limit:
+                    await self._to_client_text(error_event(
+                        ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE,
+                        f"Frame of {message.size} bytes exceeds the {limit}-byte limit.",
+                    ))
+                    continue
+                requests += self._is_response_request(message)
+                metrics.bytes_in += message.size
+                frames.append(message.frame)  # still masked with the client's key: valid as it stands
+            metrics.frames_in += len(frames)
+            if frames:
+                await self._to_upstream(frames, requests)
+
+    async def _to_upstream(self, frames: list[bytes], requests: int) -> None:
+        """Relay to the provider; the responses asked for are owed once the provider has the request."""
+        up = self.up
+        if up is not None:
+            try:
+                await up.send(b"".join(frames))  # one write for everything one read brought
+                self.inflight.requested(requests)
+                return
+            except Closed:
+                pass  # the upstream task reconnects; these frames wait with the others
+        if len(self.pending) + len(frames) > MAX_PENDING_FRAMES:
+            raise SwitchError(
+                ErrorCode.EXTERNAL_BUFFER_OVERFLOW, f"more than {MAX_PENDING_FRAMES} frames waiting for the provider"
+            )
+        self.pending.extend(frames)
+        self.pending_requests += requests
 
     async def _run_upstream(self, done: trio.CancelScope) -> None:
         settings = self.switch.settings
@@ -196,26 +202,23 @@ class Session:
         while True:
             opened_at = None
             try:
-                up = await connect(self.url, headers, max_message=UPSTREAM_MAX_MESSAGE, timeout=UPSTREAM_CONNECT_TIMEOUT_S)
+                up = await connect(self.url, headers, max_message=UPSTREAM_MAX_MESSAGE,
+                                   connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S, ssl_context=self.switch.upstream_tls)
                 try:
                     opened_at = trio.current_time()
                     if reconnecting:
                         await self._refresh_restore()
                     if self.restore:
-                        await up.send_raw(encode_frame(OP_TEXT, self.restore.encode(), mask=True))
-                    while self.pending:
-                        await up.send_raw(self.pending[0])
-                        self.pending.popleft()
+                        await up.send_text(self.restore)
+                    if self.pending:
+                        await up.send(b"".join(self.pending))
+                        self.pending.clear()
+                        self.inflight.requested(self.pending_requests)
+                        self.pending_requests = 0
                     self.up = up
-                    if up.fd >= 0:  # plain TCP: the pump can write to it (not to TLS)
-                        up.lane = Lane(self.switch.pump, self.client, UPSTREAM_MAX_MESSAGE, AUDIO_DELTA, inbound=False,
-                                       observe=OBSERVED_PREFIXES)
-                        self.client.lane.dest = up
                     await self._read_upstream(up, reconnecting)
                 finally:
                     self.up = None
-                    self.client.lane.dest = None
-                    self._read_observed(up)  # the client has these deltas: the conversation must too
                     with trio.CancelScope(shield=True):
                         await up.aclose(1000, "", wait=0)
             except Closed as exc:
@@ -224,9 +227,12 @@ class Session:
                     return
                 code, reason = exc.code, exc.reason
             except ConnectError as exc:
+                if exc.permanent:
+                    log.error("provider refused: %s", exc, extra=self.log_extra)
+                    raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_UNAVAILABLE, str(exc)) from None
                 code, reason = None, str(exc)
             action = close_action(code)
-            if action is CloseAction.END:
+            if action is CloseAction.END or self.client_gone.is_set():
                 done.cancel()
                 return
             if action is CloseAction.FATAL:
@@ -237,7 +243,7 @@ class Session:
             if tries > MAX_TRIES:
                 raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_UNAVAILABLE, f"provider unavailable after {MAX_TRIES} tries")
             self.switch.metrics.upstream_reconnects += 1
-            log.warning("upstream lost (%s); reconnect %d/%d", code, tries, MAX_TRIES, extra=self.log_extra)
+            log.warning("upstream lost (%s); reconnect %d/%d", reason or code, tries, MAX_TRIES, extra=self.log_extra)
             reconnecting = True
             await trio.sleep(backoff(tries))
 
@@ -256,17 +262,6 @@ class Session:
             return
         self.restore = fields[2]
 
-    def _read_observed(self, up: WsConnection) -> None:
-        """The transcript deltas the pump forwarded since the reader last ran, into the conversation in order."""
-        for payload in up.observed:
-            try:
-                event = upstream_event(payload.decode())
-            except UnicodeDecodeError:
-                continue
-            if event is not None:
-                self.conversation.observe(event)
-        up.observed.clear()
-
     async def _checkpoint(self) -> None:
         if len(self.conversation) >= CHECKPOINT_CHARS:
             await self.switch.db.send(
@@ -274,65 +269,69 @@ class Session:
             )
 
     async def _read_upstream(self, up: WsConnection, reconnected: bool) -> None:
-        client, metrics, ledger = self.client, self.switch.metrics, self.ledger
+        metrics, ledger = self.switch.metrics, self.ledger
         while True:
-            opcode, frame, header = await up.receive()
-            if up.observed:  # they came before this frame
-                self._read_observed(up)
-                await self._checkpoint()
-            metrics.frames_out += 1
-            metrics.bytes_out += len(frame) - header
-            if opcode != OP_TEXT or frame.startswith(AUDIO_DELTA, header):
-                await self._to_client(frame)  # unmasked from the provider: valid for the client as it stands
-                continue
-            try:
-                text = frame[header:].decode()
-            except UnicodeDecodeError:
-                text = ""  # not ours to judge: relayed as it came
-            event = upstream_event(text) if text else None
-            if event is None:
-                await self._to_client(frame)
-                continue
-            self.inflight.observe(event)
-            if await self._act(event, text, reconnected):
-                await self._to_client(frame)
-            if event["type"] in USAGE_TYPES:
-                tokens = meter(event, ledger.totals)
-                ledger.added(tokens)
-                metrics.tokens_metered += tokens
-                if ledger.credits <= 0:
+            messages = await up.receive()
+            frames = []
+            for message in messages:
+                metrics.bytes_out += message.size
+                # Unmasked from the provider, so valid for the client as they stand.
+                if not message.text or message.startswith(AUDIO_DELTA):
+                    frames.append(message.frame)
+                    continue
+                try:
+                    text = message.payload.decode()
+                except UnicodeDecodeError:
+                    text = ""  # not ours to judge: relayed as it came
+                event = upstream_event(text) if text else None
+                if event is None:
+                    frames.append(message.frame)
+                    continue
+                self.inflight.observe(event)
+                usage = event["type"] in USAGE_TYPES
+                if usage:  # journaled before the client can see it: what the client has seen is billed
+                    metrics.tokens_metered += ledger.add(event)
+                if await self._act(event, text, reconnected):
+                    frames.append(message.frame)
+                if usage and ledger.credits <= 0:
+                    await self._to_client(frames)
                     raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
-            self.conversation.observe(event)
+                self.conversation.observe(event)
+                self._inflight_changed.set()
+            metrics.frames_out += len(messages)
+            await self._to_client(frames)
             await self._checkpoint()
-            self._inflight_changed.set()
 
-    async def _to_client(self, frame: bytes) -> None:
+    async def _to_client(self, frames: list[bytes]) -> None:
         """Relay to the client while it is there; once it has gone, the session still reads the provider."""
-        if self.client_gone.is_set():
+        if not frames or self.client_gone.is_set():
             return
         try:
-            await self.client.send_raw(frame)
+            await self.client.send(b"".join(frames))
         except Closed:
             self.client_gone.set()
 
     async def _to_client_text(self, text: str) -> None:
-        await self._to_client(encode_frame(OP_TEXT, text.encode(), mask=False))
-
-    def _note_request(self, frame: bytes, header: int) -> None:
-        """Count the client's response.create: the provider bills that response even if the client leaves now."""
-        if len(frame) - header < len(CLIENT_AUDIO) + 4:
+        if self.client_gone.is_set():
             return
-        mask = frame[header - 4 : header]
-        if unmask(frame[header : header + len(CLIENT_AUDIO)], mask) == CLIENT_AUDIO:
-            return  # audio, the bulk of what clients send: never read past its first bytes
-        payload = unmask(frame[header:], mask)
-        if RESPONSE_CREATE in payload:
-            try:
-                event = fastjson.loads(payload.decode())
-            except (ValueError, RecursionError):  # not ours to judge: the provider answers it
-                return
-            if type(event) is dict and event.get("type") == "response.create":
-                self.inflight.requested()
+        try:
+            await self.client.send_text(text)
+        except Closed:
+            self.client_gone.set()
+
+    @staticmethod
+    def _is_response_request(message: Message) -> bool:
+        """A client's response.create: the provider bills that response even if the client leaves now."""
+        if message.startswith(CLIENT_AUDIO):
+            return False  # audio, the bulk of what clients send: never read past its first bytes
+        payload = message.payload
+        if RESPONSE_CREATE not in payload:
+            return False
+        try:
+            event = fastjson.loads(payload.decode())
+        except (ValueError, RecursionError):  # not ours to judge: the provider answers it
+            return False
+        return type(event) is dict and event.get("type") == "response.create"
 
     async def _settle_after_client(self, done: trio.CancelScope) -> None:
         """Once the client has gone, end the session when the provider has reported what it will bill.
@@ -346,7 +345,7 @@ class Session:
             up = self.up
             if up is not None and (self.inflight.responses or self.inflight.expected):
                 try:
-                    await up.send_raw(encode_frame(OP_TEXT, RESPONSE_CANCEL.encode(), mask=True))
+                    await up.send_text(RESPONSE_CANCEL)
                 except Closed:
                     pass
             with trio.move_on_after(SETTLE_S):

@@ -27,6 +27,6 @@ def close_action(code: int | None) -> CloseAction:
     return CloseAction.RETRY  # 1001 (incl. session_expired), 1006, 1011, 1012-1014, no close frame
 
 
-def backoff(attempt: int, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+def backoff(attempt: int, rng: random.Random = random._inst) -> float:
     """Full-jitter exponential backoff before retry `attempt` (1-based)."""
     return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))

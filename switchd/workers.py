@@ -1,8 +1,10 @@
 """WORKERS > 1: several switchd processes accept on one port (SO_REUSEPORT), one per core.
 
 The supervisor starts the workers, prints one ready line once all of them serve, restarts a
-worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for every worker's
-graceful shutdown. Each worker has its own metrics port (METRICS_PORT + index, or a free one)
+worker that dies, and on SIGTERM/SIGINT passes one SIGTERM on and waits for every worker's
+graceful shutdown (a later signal is passed on too: it ends the workers' grace). Workers run in
+their own process group, so a terminal's Ctrl-C reaches the supervisor alone, not every worker
+a second time. Each worker has its own metrics port (METRICS_PORT + index, or a free one)
 and its own spool directory (SPOOL_DIR/worker-<index>), since a spool belongs to one process.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import trio
 
 from common.config import Settings
-from switchd.server import wait_for_signal
+from switchd.server import Stop
 from switchd.upstream import backoff
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,12 @@ START_TIMEOUT_S = 30.0
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) so port 0 becomes a concrete port every worker can share."""
+    """Bind (without listening) so port 0 becomes a concrete port every worker can share.
+
+    SO_REUSEADDR as well: without it the bind fails while connections of the previous run are
+    in TIME-WAIT on the port (the workers' own sockets set both)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
@@ -58,7 +64,8 @@ class Workers:
         attempt = 0
         while not self.stopping.is_set():
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "switchd"], env=self.env(index), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+                [sys.executable, "-m", "switchd"], env=self.env(index), stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL, process_group=0,
             )
             self.procs[index] = proc
             line = await self._ready_line(proc)
@@ -86,32 +93,49 @@ class Workers:
                 buffer += chunk
         return buffer.decode().strip()
 
-    async def stop(self) -> None:
+    def signal_all(self) -> None:
         self.stopping.set()
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            await proc.wait()
+
+    async def stop(self, stop: Stop) -> None:
+        """One SIGTERM to each worker; if another signal comes meanwhile, one more (it ends their grace)."""
+        self.signal_all()
+        async with trio.open_nursery() as nursery:
+
+            async def hurry() -> None:
+                await stop.hurried.wait()
+                self.signal_all()
+
+            nursery.start_soon(hurry)
+            for index, proc in self.procs.items():
+                if await proc.wait() != 0:
+                    log.error("worker %d exited with %s while stopping", index, proc.returncode)
+            nursery.cancel_scope.cancel()
 
 
 async def supervise(settings: Settings) -> bool:
     """Run WORKERS switchd processes until SIGTERM/SIGINT; True when every worker exited cleanly."""
     reserved = _reserve_port(settings.host, settings.port)
     workers = Workers(settings, reserved.getsockname()[1])
+    stop = Stop()
     async with trio.open_nursery() as nursery:
+        await nursery.start(stop.watch_signals)
         with trio.fail_after(START_TIMEOUT_S):
             for index in range(settings.workers):
                 await nursery.start(workers.run_worker, index)
         reserved.close()
+        scheme = "wss" if settings.tls_cert_file else "ws"
         sys.stdout.write(
-            f"switchd listening ws://{settings.host}:{workers.port} metrics http://{settings.host}:"
+            f"switchd listening {scheme}://{settings.host}:{workers.port} metrics http://{settings.metrics_host}:"
             f"{workers.metrics_ports[0]} workers "
             + ",".join(workers.metrics_ports[i] for i in sorted(workers.metrics_ports)) + "\n"
         )
         sys.stdout.flush()
         log.info("%d workers on port %d", settings.workers, workers.port)
-        await wait_for_signal()
+        await stop.requested.wait()
         with trio.CancelScope(shield=True):
-            await workers.stop()
+            await workers.stop(stop)
+        nursery.cancel_scope.cancel()  # the signal watcher
     return all(proc.returncode == 0 for proc in workers.procs.values())

@@ -1,9 +1,6 @@
-"""RFC 6455 framing and the HTTP/1.1 upgrade, as pure functions with no I/O.
+"""RFC 6455 pieces as pure functions with no I/O: frame encoding and masking, close payloads,
+and the HTTP/1.1 upgrade. Received frames are parsed by switchd.websocket.Connection.
 
-The relay forwards frames as the bytes they arrived as: a client's frame is masked, which is
-exactly what the provider expects from us as its client, and the provider's frames are
-unmasked, which is what a client expects from a server. So only the frames the switch must
-read (usage, transcripts, session events) are looked into, and nothing is re-encoded.
 No extension is ever negotiated, so a frame's RSV bits must be clear.
 """
 from __future__ import annotations
@@ -12,12 +9,10 @@ import base64
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
-from typing import NamedTuple
+
+import attrs
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-CONTROL = frozenset({OP_CLOSE, OP_PING, OP_PONG})
-DATA = frozenset({OP_CONT, OP_TEXT, OP_BINARY})
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 16 * 1024
 
@@ -31,48 +26,6 @@ class ProtocolError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class Header(NamedTuple):
-    fin: bool
-    opcode: int
-    masked: bool
-    length: int  # payload bytes
-    size: int  # header bytes, mask key included
-
-
-def parse_header(buf: bytes | bytearray, pos: int, *, expect_masked: bool, max_length: int) -> Header | None:
-    """The header of the frame starting at `pos`, or None while it is incomplete."""
-    if len(buf) - pos < 2:
-        return None
-    b0, b1 = buf[pos], buf[pos + 1]
-    if b0 & 0x70:
-        raise ProtocolError(1002, "reserved bits set without an extension")
-    opcode, masked, length = b0 & 0x0F, bool(b1 & 0x80), b1 & 0x7F
-    if opcode not in DATA and opcode not in CONTROL:
-        raise ProtocolError(1002, f"unknown opcode {opcode}")
-    if masked != expect_masked:
-        raise ProtocolError(1002, "client frames must be masked, server frames must not")
-    size = 2
-    if length == 126:
-        if len(buf) - pos < 4:
-            return None
-        (length,) = _U16.unpack_from(buf, pos + 2)
-        size = 4
-    elif length == 127:
-        if len(buf) - pos < 10:
-            return None
-        (length,) = _U64.unpack_from(buf, pos + 2)
-        size = 10
-    if opcode in CONTROL and (length > 125 or not b0 & 0x80):
-        raise ProtocolError(1002, "control frames must be short and unfragmented")
-    if length > max_length:
-        raise ProtocolError(1009, f"frame of {length} bytes is over the {max_length}-byte limit")
-    if masked:
-        size += 4
-        if len(buf) - pos < size:
-            return None
-    return Header(bool(b0 & 0x80), opcode, masked, length, size)
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -114,15 +67,45 @@ def close_payload(code: int, reason: str) -> bytes:
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
+    """(code, reason) of a close payload, taken as it is (a benchmark's reading); see read_close."""
     if len(payload) < 2:
         return 1005, ""
     return _U16.unpack_from(payload)[0], payload[2:].decode(errors="replace")
 
 
+def valid_close_code(code: int) -> bool:
+    """May a peer send this code in a close frame (RFC 6455 §7.4.1 and the IANA registry)?
+
+    1004 is reserved; 1005, 1006 and 1015 only ever stand for "no code", "lost" and "TLS failed"
+    locally; 1016-2999 are for future standards, 5000 and up do not exist.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def read_close(payload: bytes) -> tuple[int, str]:
+    """(code, reason) of a received close frame's payload; 1005 when it has none.
+
+    Raises ProtocolError(1002) for what RFC 6455 says must fail the connection: a 1-byte
+    payload, a code no peer may send, a reason that is not UTF-8.
+    """
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolError(1002, "close frame with a 1-byte payload")
+    (code,) = _U16.unpack_from(payload)
+    if not valid_close_code(code):
+        raise ProtocolError(1002, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(1002, "close reason is not UTF-8") from None
+    return code, reason
+
+
 # --- the HTTP/1.1 upgrade ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class HttpHead:
     start: str  # request line or status line
     headers: tuple[tuple[bytes, bytes], ...]  # names lower-cased
@@ -211,7 +194,7 @@ def check_upgrade_response(head: HttpHead, key: bytes) -> None:
     """Raises ValueError unless the head is a 101 that answers our key."""
     parts = head.start.split(" ", 2)
     if len(parts) < 2 or parts[1] != "101":
-        raise ValueError(f"upgrade refused with {' '.join(parts[1:]) or head.start!r}")
+        raise ValueError(f"upgrade refused with {' '.join(parts[1:]) or repr(head.start)}")
     if head.get(b"sec-websocket-accept") != accept_key(key):
         raise ValueError("wrong Sec-WebSocket-Accept")
     if head.get(b"sec-websocket-extensions"):

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import asdict, dataclass
 
 from common.errors import ErrorCode, SwitchError
-from switchdb.db import Connection, DatabaseError, utc_now
+from switchdb.db import Connection, is_unique_violation, utc_now
 
 KEY_PREFIX = "rsk_"
 ACCOUNT_PREFIX = "acct_"
@@ -92,8 +92,8 @@ def create_account(
             f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (*_account_row(account), now),
         )
-    except DatabaseError as exc:
-        if "UNIQUE" in str(exc) and "email" in str(exc):
+    except Exception as exc:
+        if is_unique_violation(exc, "email"):
             raise SwitchError(ErrorCode.EXTERNAL_CONFLICT, f"an account with email {email} already exists") from None
         raise
     return account
@@ -111,7 +111,8 @@ def get_account(conn: Connection, account_id: str) -> Account | None:
 def find_account(conn: Connection, id_or_email: str) -> Account:
     """An account by id or email; raises EXTERNAL_NOT_FOUND."""
     row = conn.execute(
-        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? OR email = ?", (id_or_email, id_or_email)
+        # lower(): the email is unique without regard to (ASCII) case, on both stores.
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? OR lower(email) = lower(?)", (id_or_email, id_or_email)
     ).fetchone()
     if row is None:
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {id_or_email}")
@@ -216,7 +217,8 @@ def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:
     """Set last_used_at; a key already marked at this second is not written again."""
     for key_hash in key_hashes:
         conn.execute(
-            "UPDATE api_keys SET last_used_at = ? WHERE key_hash = ? AND last_used_at IS NOT ?", (now, key_hash, now)
+            "UPDATE api_keys SET last_used_at = ? WHERE key_hash = ? AND (last_used_at IS NULL OR last_used_at <> ?)",
+            (now, key_hash, now),
         )
 
 

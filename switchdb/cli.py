@@ -1,4 +1,5 @@
-"""`switchdb`: the daemon (`serve`, the default) and the admin commands, which work on the file directly.
+"""`switchdb`: the daemon (`serve`, the default) and the admin commands, which work on the store
+directly (the SQLite file at DB_PATH, or PostgreSQL at DB_URL).
 
 Errors are one line on stderr (`switchdb: ...`), exit status 1 (2 for bad arguments); with
 `--json` stdout holds exactly one JSON object, or nothing when the command failed.
@@ -21,11 +22,13 @@ from common.logs import setup_logging
 from switchdb import accounts, sessions, usage
 from switchdb.db import (
     Connection,
-    DatabaseError,
     applied_migrations,
     format_time,
+    is_database_error,
     migrate,
     open_database,
+    open_store,
+    store_name,
     transaction,
     utc_now,
 )
@@ -192,7 +195,7 @@ def _demo_key(conn: Connection, account_id: str, key_file: Path) -> str:
 
 
 def cmd_seed(args: argparse.Namespace, conn: Connection, settings: Settings) -> None:
-    key_file = Path(args.key_file or settings.db_path + ".demo-key")
+    key_file = Path(args.key_file or (settings.db_path or "var/switchdb") + ".demo-key")
     with transaction(conn):
         try:
             account = accounts.find_account(conn, DEMO_EMAIL)
@@ -208,6 +211,74 @@ def cmd_seed(args: argparse.Namespace, conn: Connection, settings: Settings) -> 
         f"{' created' if created else ''}\ndemo key      {key} (kept in {key_file})\nsession id    {DEMO_SESSION_ID}"
     )
     _emit(args, data, text)
+
+
+# Every table a deployment holds, in an order that satisfies the foreign keys. Summary claims
+# are not copied: they only matter while a summary runs.
+COPIED_TABLES: dict[str, str] = {
+    "accounts": "id, email, plan_name, token_remaining, topup_remaining, status, created_at, updated_at",
+    "api_keys": "key_hash, account_id, key_indicator, label, created_at, expires_at, last_used_at, revoked_at",
+    "sessions": "account_id, session_id, type, data, created_at",
+    "usage_metrics": "id, " + usage._COLUMNS,
+}
+
+
+def copy_store(source: Connection, target: Connection) -> dict[str, int]:
+    """Every row of the SQLite store `source` into the empty PostgreSQL store `target`, in one transaction.
+
+    Raises EXTERNAL_CONFLICT (and writes nothing) when the target already holds accounts.
+    """
+    copied: dict[str, int] = {}
+    with transaction(target):
+        # No replica may create an account between the check and the copy.
+        target.execute("LOCK TABLE accounts IN EXCLUSIVE MODE")
+        held = target.execute("SELECT count(*) FROM accounts").fetchone()[0]
+        if held:
+            raise SwitchError(
+                ErrorCode.EXTERNAL_CONFLICT,
+                f"the DB_URL database already holds {held} accounts; copy only into an empty store",
+            )
+        for table, columns in COPIED_TABLES.items():
+            count = 0
+            with target.raw.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in source.execute(f"SELECT {columns} FROM {table} ORDER BY rowid"):
+                    copy.write_row(row)
+                    count += 1
+            copied[table] = count
+        # New usage rows continue after the copied ids.
+        target.execute(
+            "SELECT setval(pg_get_serial_sequence('usage_metrics', 'id'), coalesce(max(id), 0) + 1, false)"
+            " FROM usage_metrics"
+        )
+    return copied
+
+
+def cmd_copy(args: argparse.Namespace, settings: Settings) -> None:
+    if not settings.db_path or not settings.db_url:
+        raise SwitchError(
+            ErrorCode.INTERNAL_ENV_KEY_NOT_FOUND,
+            "copy needs DB_PATH (the SQLite store) and DB_URL (the PostgreSQL one)",
+        )
+    if not Path(settings.db_path).is_file():
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no SQLite store at DB_PATH {settings.db_path}")
+    source = open_database(settings.db_path, settings.db_encryption_key)
+    try:
+        migrate(source)
+        target = open_store(settings)
+        try:
+            migrate(target)
+            copied = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    where = store_name(settings)
+    _emit(
+        args,
+        {"copied": copied, "source": settings.db_path, "target": where},
+        f"copied {settings.db_path} to {where}: "
+        + ", ".join(f"{count} {table}" for table, count in copied.items()),
+    )
 
 
 # --- commands on the daemon ---------------------------------------------------------------------
@@ -323,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--timeout-ms", type=_positive, help="default ZMQ_TIMEOUT_MS or 5000")
     sub = command(commands, "seed", cmd_seed, "create the demo account, key and session")
     sub.add_argument("--key-file", help="where the demo key is kept (default DB_PATH.demo-key)")
+    command(commands, "copy", cmd_copy, "copy the SQLite store (DB_PATH) into an empty PostgreSQL one (DB_URL)")
     return parser
 
 
@@ -330,8 +402,8 @@ def _operator_error(exc: BaseException) -> str | None:
     """The one line to show for an error an operator can fix; None for a bug (keep the traceback)."""
     if isinstance(exc, SwitchError):
         return exc.message
-    if isinstance(exc, DatabaseError):
-        return f"database error: {exc}"
+    if is_database_error(exc):
+        return "database error: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if isinstance(exc, OSError):
         return str(exc)
     if isinstance(exc, BaseExceptionGroup):  # the daemon's errors come out of a nursery
@@ -349,7 +421,9 @@ def run(args: argparse.Namespace) -> None:
         return cmd_serve(load_settings("switchdb"))
     settings = load_settings("cli")
     setup_logging("WARNING", None, settings.log_format)
-    conn = open_database(settings.db_path, settings.db_encryption_key)
+    if command is cmd_copy:
+        return cmd_copy(args, settings)
+    conn = open_store(settings)
     try:
         applied_now = migrate(conn)  # every command works on an up-to-date schema
         if command is cmd_migrate:

@@ -1,25 +1,37 @@
-"""The SQLite file: opening it (with SQLCipher when a key is set), transactions, and the schema.
+"""The store: the SQLite file (with SQLCipher when a key is set) or PostgreSQL (`switchdb.pg`),
+opening it, transactions, the schema, and which errors are worth a retry.
 
 The schema is built by ordered migrations recorded in `schema_migrations`. Each one checks its
 own preconditions (IF NOT EXISTS, a column lookup), so running it again, or from two processes
-at once (daemon and CLI), is harmless.
+at once (daemon and CLI), is harmless; on PostgreSQL each also runs under an advisory lock, so
+replicas starting together apply it once.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from typing import Any
+
 import sqlcipher3
 
+from common.config import Settings
 from common.errors import ErrorCode, SwitchError
+
+# psycopg (and switchdb.pg) are imported only with DB_URL: they would double the start-up time
+# of every SQLite CLI command.
 
 log = logging.getLogger(__name__)
 
-Connection = sqlcipher3.Connection
-DatabaseError = sqlcipher3.DatabaseError
+# A sqlcipher3 connection or a `pg.PgConnection`: both take the same (SQLite-style) SQL.
+Connection = Any
+DatabaseError = sqlcipher3.DatabaseError  # SQLite's; `is_database_error` knows both stores'
+# SQLite errors that say nothing about the batch itself: the disk, the file, the lock.
+_TRANSIENT_SQLITE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_NOMEM")
 
 # How long a writer waits for another process (the CLI next to the daemon) to release the lock.
 BUSY_TIMEOUT_MS = 5000
@@ -76,6 +88,65 @@ def open_database(path: str, key: str | None) -> Connection:
         conn.close()
         raise
     return conn
+
+
+def open_store(settings: Settings) -> Connection:
+    """One connection to the configured store: PostgreSQL when DB_URL is set, else SQLite at DB_PATH."""
+    if settings.db_url:
+        from switchdb import pg
+
+        if not pg.is_postgres_url(settings.db_url):
+            raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key DB_URL must be a postgresql:// URL")
+        return pg.connect(settings.db_url)
+    return open_database(settings.db_path, settings.db_encryption_key)
+
+
+def store_name(settings: Settings) -> str:
+    """The store as it may be logged: DB_URL without its password, or DB_PATH."""
+    if settings.db_url:
+        from switchdb import pg
+
+        return pg.redact_url(settings.db_url)
+    return settings.db_path
+
+
+def is_postgres(conn: Connection) -> bool:
+    return getattr(conn, "dialect", "") == "postgresql"
+
+
+def _psycopg() -> Any:
+    """psycopg if it is in use (imported); no psycopg error can exist otherwise."""
+    return sys.modules.get("psycopg")
+
+
+def is_database_error(exc: BaseException) -> bool:
+    psycopg = _psycopg()
+    return isinstance(exc, sqlcipher3.DatabaseError) or (psycopg is not None and isinstance(exc, psycopg.Error))
+
+
+def is_unique_violation(exc: BaseException, column: str) -> bool:
+    psycopg = _psycopg()
+    if psycopg is not None and isinstance(exc, psycopg.errors.UniqueViolation):
+        return column in str(exc)
+    return isinstance(exc, sqlcipher3.IntegrityError) and "UNIQUE" in str(exc) and column in str(exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a storage failure (disk full, I/O error, lock, lost connection): the request may succeed later.
+
+    Such an error must never turn into a refusal: the request is answered INTERNAL_DB_UNAVAILABLE
+    and switchd keeps it and retries.
+    """
+    psycopg = _psycopg()
+    if psycopg is not None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True  # connection lost, pool timeout, disk full, deadlock, serialisation, shutdown
+    if isinstance(exc, sqlcipher3.OperationalError):
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        text = str(exc)
+        return name.startswith(_TRANSIENT_SQLITE) or any(
+            marker in text for marker in ("disk is full", "disk I/O", "locked", "unable to open")
+        )
+    return False
 
 
 def _quote(text: str) -> str:
@@ -188,24 +259,49 @@ def _add_api_keys_revoked_at(conn: Connection) -> None:
         conn.execute("ALTER TABLE api_keys ADD COLUMN revoked_at TEXT")
 
 
+def _create_summary_claims(conn: Connection) -> None:
+    # With several replicas, the one holding an unexpired claim summarises a conversation.
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS summary_claims (
+            account_id TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            claimed_until TEXT NOT NULL,
+            PRIMARY KEY (account_id, session_id)
+        )"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_create_accounts", _create_accounts),
     ("0002_create_api_keys", _create_api_keys),
     ("0003_create_sessions", _create_sessions),
     ("0004_create_usage_metrics", _create_usage_metrics),
     ("0005_api_keys_revoked_at", _add_api_keys_revoked_at),
+    ("0006_summary_claims", _create_summary_claims),
 ]
 
 
 def migrate(conn: Connection) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied now."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    postgres = is_postgres(conn)
+    if postgres:
+        from switchdb import pg
+    with transaction(conn):
+        if postgres:
+            pg.lock_migrations(conn)  # concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     applied: list[str] = []
     for name, step in MIGRATIONS:
         with transaction(conn):
+            if postgres:
+                pg.lock_migrations(conn)
             if conn.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
                 continue
-            step(conn)
+            if postgres and name in pg.MIGRATIONS:
+                for statement in pg.MIGRATIONS[name]:
+                    conn.execute(statement)
+            else:  # SQLite, or a step written in SQL both stores take
+                step(conn)
             conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, utc_now()))
         applied.append(name)
         log.info("applied migration %s", name)

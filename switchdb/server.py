@@ -18,15 +18,23 @@ at all, a busy read goes to the worker thread). That saves the two thread hops, 
 request's round trip; the one write VALIDATE_AND_LOAD makes (the key's last_used_at) follows
 in the worker thread.
 
+With DB_URL (PostgreSQL) there is no reading connection: every batch goes through the pool
+(`pg.PgDatabase`) in a worker thread, and several replicas may serve the same database. A
+batch that fails for a storage reason (disk full, I/O error, connection lost) is answered
+INTERNAL_DB_UNAVAILABLE: nothing of it was stored, and switchd keeps it and retries.
+
 SIGTERM/SIGINT cancel only the reader; the handler drains the queue, commits and the replies
 go out before the socket closes.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import math
+import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -46,9 +54,9 @@ from common.wire import (
 )
 from common.zmq_trio import ZmqSocket
 from switchdb import service
-from switchdb.db import Connection, DatabaseError, migrate, open_database, utc_now
+from switchdb.db import Connection, DatabaseError, is_transient, migrate, open_database, store_name, utc_now
 from switchdb.usage import Row as UsageRow
-from switchdb.worker import Database
+from switchdb.worker import Database, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,11 @@ QUEUE_CHUNKS = 64
 # Many switchd processes with many requests in flight: the default 1000 would make the ROUTER
 # drop replies (it never blocks) under a burst.
 HWM = 100_000
+# Session writes (no reply, so switchd cannot retry them) of a batch the storage failed: kept
+# for up to RETRY_QUEUE batches, tried again every RETRY_INTERVAL_S, RETRY_ATTEMPTS times.
+RETRY_QUEUE = 256
+RETRY_INTERVAL_S = 1.0
+RETRY_ATTEMPTS = 60
 # How long replies already sent may take to leave at shutdown.
 LINGER_MS = 2000
 _NO_REPLY_NAMES = frozenset(t.value.encode() for t in NO_REPLY)
@@ -80,7 +93,34 @@ _OK = OK.encode()
 Queued = tuple[bytes, bytes, Request | UsageRow]
 
 
+def refuse_ipc_in_use(endpoint: str) -> None:
+    """Raise when another process listens on this ipc:// path: binding would silently take it over.
+
+    A socket file nobody listens on (left by a killed daemon) is fine: bind replaces it.
+    """
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint[len("ipc://") :]
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            return
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, f"cannot check ZMQ_SOCKET_PATH {endpoint}: {exc}") from None
+    finally:
+        probe.close()
+    raise SwitchError(
+        ErrorCode.INTERNAL_BAD_CONFIG,
+        f"ZMQ_SOCKET_PATH {endpoint} is in use by another process (another switchdb?): stop it or choose another path",
+    )
+
+
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    refuse_ipc_in_use(endpoint)
     raw = ctx.socket(zmq.ROUTER)
     raw.setsockopt(zmq.LINGER, LINGER_MS)
     raw.setsockopt(zmq.SNDHWM, HWM)
@@ -98,6 +138,10 @@ def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT; `task_status.started(endpoint)` once bound."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    refuse_ipc_in_use(settings.zmq_socket_path)  # before touching the store
+    if settings.db_url:
+        await _serve_postgres(settings, task_status)
+        return
     conn = open_database(settings.db_path, settings.db_encryption_key)
     read_conn: Connection | None = None
     ctx = zmq.Context()
@@ -105,24 +149,52 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[str] = trio.
         migrate(conn)
         db = Database(conn)
         read_conn = _open_reading(settings)
-        raw = bind_router(ctx, settings.zmq_socket_path)
-        endpoint = raw.getsockopt_string(zmq.LAST_ENDPOINT)
-        sock = ZmqSocket(raw)
-        # Everything made so far (modules, trio, the schema) lives as long as the daemon: frozen, a
-        # full collection no longer walks it (it took 15 ms of the event loop under load).
-        gc.collect()
-        gc.freeze()
-        try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await _serve_socket(settings, db, read_conn, sock, signals, endpoint, task_status)
-        finally:
-            raw.close(linger=LINGER_MS)
+        await _serve_bound(settings, ctx, db, read_conn, task_status)
     finally:
         ctx.term()  # waits (at most LINGER_MS) for the last replies to leave
         if read_conn is not None:
             read_conn.close()
         conn.close()
     log.info("switchdb stopped")
+
+
+async def _serve_postgres(settings: Settings, task_status: trio.TaskStatus[str]) -> None:
+    from switchdb import pg
+
+    assert settings.db_url is not None
+    if not pg.is_postgres_url(settings.db_url):
+        raise SwitchError(ErrorCode.INTERNAL_BAD_CONFIG, "config key DB_URL must be a postgresql:// URL")
+    conn = await trio.to_thread.run_sync(pg.connect, settings.db_url)
+    try:
+        await trio.to_thread.run_sync(migrate, conn)  # under an advisory lock: replicas apply each once
+    finally:
+        conn.close()
+    db = pg.PgDatabase(settings.db_url)
+    ctx = zmq.Context()
+    try:
+        db.open()
+        await _serve_bound(settings, ctx, db, None, task_status)
+    finally:
+        ctx.term()
+        await trio.to_thread.run_sync(db.close)
+    log.info("switchdb stopped")
+
+
+async def _serve_bound(
+    settings: Settings, ctx: zmq.Context, db: Store, read_conn: Connection | None, task_status: trio.TaskStatus[str]
+) -> None:
+    raw = bind_router(ctx, settings.zmq_socket_path)
+    endpoint = raw.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock = ZmqSocket(raw)
+    # Everything made so far (modules, trio, the schema) lives as long as the daemon: frozen, a
+    # full collection no longer walks it (it took 15 ms of the event loop under load).
+    gc.collect()
+    gc.freeze()
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await _serve_socket(settings, db, read_conn, sock, signals, endpoint, task_status)
+    finally:
+        raw.close(linger=LINGER_MS)
 
 
 def _open_reading(settings: Settings) -> Connection | None:
@@ -140,7 +212,7 @@ def _open_reading(settings: Settings) -> Connection | None:
 
 async def _serve_socket(
     settings: Settings,
-    db: Database,
+    db: Store,
     read_conn: Connection | None,
     sock: ZmqSocket,
     signals: AsyncIterator[int],
@@ -159,13 +231,15 @@ async def _serve_socket(
         async with summary_send, trio.open_nursery() as nursery:
             marks_send, marks_receive = trio.open_memory_channel[tuple[list[str], str]](math.inf)
             nursery.start_soon(_mark_keys_used, db, marks_receive)
+            retry_send, retry_receive = trio.open_memory_channel[list[Request]](RETRY_QUEUE)
+            background.start_soon(_retry_unanswered, db, retry_receive)
             nursery.start_soon(
                 _handle_requests, db, read_conn, sock, request_receive,
-                summary_send if settings.gemini_api_key else None, marks_send,
+                summary_send if settings.gemini_api_key else None, marks_send, retry_send,
             )
             with trio.CancelScope() as reading:
                 nursery.start_soon(_cancel_on_signal, signals, reading)
-                log.info("switchdb listening on %s (database %s)", endpoint, settings.db_path)
+                log.info("switchdb listening on %s (database %s)", endpoint, store_name(settings))
                 task_status.started(endpoint)
                 await _read_requests(sock, request_send)
         # Summaries in progress are dropped: the text they would replace is still stored.
@@ -241,14 +315,15 @@ def _refuse(sock: ZmqSocket, identity: bytes, frames: list[bytes], exc: SwitchEr
 
 
 async def _handle_requests(
-    db: Database,
+    db: Store,
     read_conn: Connection | None,
     sock: ZmqSocket,
     requests: trio.MemoryReceiveChannel[list[Queued]],
     summaries: trio.MemorySendChannel[tuple[str, str]] | None,
     marks: trio.MemorySendChannel[tuple[list[str], str]],
+    retries: trio.MemorySendChannel[list[Request]],
 ) -> None:
-    async with requests, marks:
+    async with requests, marks, retries:
         async for batch in requests:
             _take_queued(requests, batch)
             # Each batch costs a round trip to the worker thread and a transaction (about a
@@ -266,17 +341,27 @@ async def _handle_requests(
             # through the reading connection (a fraction of a millisecond, less than the trip to
             # the worker thread and back), and the keys marked used afterwards.
             read = _read_here(read_conn, works, now)
+            if read is None and read_conn is None and _only_reads(works):
+                # PostgreSQL: the reads alone, outside a transaction (two queries, no write), on a
+                # pooled connection; the keys are marked used afterwards, as above.
+                read = await _read_pooled(db, works, now)
             used_keys = None
             outcomes: list[service.Result]
             if read is not None:
                 outcomes, used_keys = read  # type: ignore[assignment]
             else:
                 try:
-                    outcomes = await db.run(service.run_batch, works, now)
-                except Exception:
-                    # The commit itself failed (disk full, I/O error): nothing of the batch is stored.
-                    log.exception("a batch of %d requests could not be committed", len(batch))
-                    outcomes = [service.Outcome(ErrorCode.INTERNAL_ERROR)] * len(batch)
+                    outcomes = await _run_batch(db, works, now)
+                except Exception as exc:
+                    # A storage failure (disk full, I/O error, connection lost), or the commit
+                    # itself: nothing of the batch is stored, and every request of it may be
+                    # sent again. Retryable, never a refusal.
+                    if is_transient(exc):
+                        log.error("a batch of %d requests failed, to be retried: %s", len(batch), _brief(exc))
+                    else:
+                        log.exception("a batch of %d requests could not be committed", len(batch))
+                    outcomes = [_UNAVAILABLE] * len(batch)
+                    _keep_unanswered(batch, retries)
             # The replies go out in bursts, with the reader (and its PINGs) let in between.
             for start in range(0, len(batch), REPLY_BURST):
                 if start:
@@ -288,6 +373,56 @@ async def _handle_requests(
                     await sock.send(reply)
             if used_keys:
                 marks.send_nowait((used_keys, now))  # unbounded: one entry per read batch answered here
+
+
+async def _run_batch(db: Store, works: list[Request | UsageRow], now: str) -> list[service.Result]:
+    """`service.run_batch`, tried once more after a transient failure: a lost connection gets a new
+    one from the pool, a deadlock or serialisation failure with another replica usually passes."""
+    try:
+        return await db.run(service.run_batch, works, now)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("a batch of %d requests failed (%s); trying it once more", len(works), _brief(exc))
+    return await db.run(service.run_batch, works, now)
+
+
+def _keep_unanswered(batch: list[Queued], retries: trio.MemorySendChannel[list[Request]]) -> None:
+    """SAVE_SESSION and APPEND_CONVERSATION of a failed batch: nobody retries them but switchdb."""
+    kept = [work for _, _, work in batch if type(work) is Request and work.type in NO_REPLY]
+    if not kept:
+        return
+    try:
+        retries.send_nowait(kept)
+    except trio.WouldBlock:
+        log.warning("dropped %d session writes: the storage has been failing too long", len(kept))
+
+
+async def _retry_unanswered(db: Store, retries: trio.MemoryReceiveChannel[list[Request]]) -> None:
+    """Run the kept session writes again, in order, once the storage works again (or give up after a while)."""
+    async with retries:
+        async for kept in retries:
+            for attempt in range(RETRY_ATTEMPTS):
+                await trio.sleep(RETRY_INTERVAL_S)
+                try:
+                    await db.run(service.run_batch, kept, utc_now())
+                except Exception as exc:
+                    if not is_transient(exc):
+                        log.exception("session writes failed again; dropped")
+                        break
+                    continue
+                log.info("%d session writes stored after %d retries", len(kept), attempt + 1)
+                break
+            else:
+                log.warning("dropped %d session writes: the storage kept failing", len(kept))
+
+
+_UNAVAILABLE = service.Outcome(ErrorCode.INTERNAL_DB_UNAVAILABLE, message="storage unavailable")
+
+
+def _brief(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _take_queued(requests: trio.MemoryReceiveChannel[list[Queued]], batch: list[Queued]) -> None:
@@ -329,7 +464,7 @@ def _replies(
     return replies
 
 
-async def _mark_keys_used(db: Database, marks: trio.MemoryReceiveChannel[tuple[list[str], str]]) -> None:
+async def _mark_keys_used(db: Store, marks: trio.MemoryReceiveChannel[tuple[list[str], str]]) -> None:
     """The last_used_at writes left by reads answered on the event loop, grouped, in the worker thread."""
     async with marks:
         async for keys, now in marks:
@@ -344,6 +479,21 @@ async def _mark_keys_used(db: Database, marks: trio.MemoryReceiveChannel[tuple[l
                 await db.run(service.mark_keys_used, list(dict.fromkeys(keys)), now)
             except Exception:
                 log.exception("could not mark %d keys used", len(keys))
+
+
+def _only_reads(works: list[Request | UsageRow]) -> bool:
+    return all(type(work) is Request and work.type in service.READ_ONLY for work in works)
+
+
+async def _read_pooled(
+    db: Store, works: list[Request | UsageRow], now: str
+) -> tuple[list[service.Outcome], list[str]] | None:
+    """`service.handle_reads` in a worker thread without a transaction; None to run the batch the ordinary way."""
+    try:
+        return await db.run(service.handle_reads, works, now, False)
+    except Exception as exc:
+        log.debug("pooled read failed (%s); running the batch the ordinary way", _brief(exc))
+    return None
 
 
 def _read_here(

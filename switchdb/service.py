@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import trio
@@ -18,9 +19,9 @@ import trio
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MAX_MESSAGE_BYTES, OK, MessageType, Request, decode_request
-from switchdb import accounts, sessions, summarise, usage
-from switchdb.db import Connection, savepoint, transaction
-from switchdb.worker import Database
+from switchdb import accounts, secrets, sessions, summarise, usage
+from switchdb.db import Connection, format_time, is_postgres, is_transient, savepoint, transaction
+from switchdb.worker import Store
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # After a failed summary, the next try waits until the conversation has grown this much, so a
 # broken LLM is not called again on every append.
 RETRY_GROWTH = 4_000
+# A summary claim outlives the longest LLM call, so an abandoned one frees itself.
+CLAIM_S = summarise.TIMEOUT_S + 30
 
 
 class Outcome(NamedTuple):
@@ -46,9 +49,13 @@ def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -
     """VALIDATE_AND_LOAD without its one write: (outcome, hash of the key to mark used)."""
     if not SESSION_ID.fullmatch(session_id):
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "session id must be 1-128 characters of A-Za-z0-9._:-")
-    account, key_hash = accounts.find_usable_key(conn, api_key, now)
-    stored, conversation = sessions.load(conn, account.id, session_id)
-    fields = (account.id, str(account.credits), sessions.restored_session(stored, conversation))
+    if api_key.startswith(secrets.SECRET_PREFIX):
+        account, key_hash, restore = secrets.load(conn, api_key, session_id, now)
+    else:
+        account, key_hash = accounts.find_usable_key(conn, api_key, now)
+        stored, conversation = sessions.load(conn, account.id, session_id)
+        restore = sessions.restored_session(stored, conversation)
+    fields = (account.id, str(account.credits), restore)
     if account.credits <= 0:
         return Outcome(ErrorCode.EXTERNAL_NO_CREDITS, fields, "no credits left"), key_hash
     return Outcome(OK, fields), key_hash
@@ -64,16 +71,20 @@ def validate_and_load(conn: Connection, api_key: str, session_id: str, now: str)
 READ_ONLY = frozenset({MessageType.VALIDATE_AND_LOAD, MessageType.GET_CREDITS})
 
 
-def handle_reads(conn: Connection, requests: Sequence[Request], now: str) -> tuple[list[Outcome], list[str]]:
+def handle_reads(
+    conn: Connection, requests: Sequence[Request], now: str, in_transaction: bool = True
+) -> tuple[list[Outcome], list[str]]:
     """READ_ONLY requests in one read transaction: (outcomes, hashes of keys to mark used).
 
     For a reading connection used off the worker thread: it sees what is committed, so the
     caller must have nothing of its own uncommitted. A database error (busy) is raised, to
-    run the requests the ordinary way instead.
+    run the requests the ordinary way instead. Without `in_transaction` (PostgreSQL, where
+    each statement commits by itself) the two round trips of BEGIN and COMMIT are saved.
     """
     outcomes: list[Outcome] = []
     used: list[str] = []
-    conn.execute("BEGIN")
+    if in_transaction:
+        conn.execute("BEGIN")
     try:
         for request in requests:
             try:
@@ -88,12 +99,19 @@ def handle_reads(conn: Connection, requests: Sequence[Request], now: str) -> tup
                 outcome = Outcome(exc.code, message=exc.message)
             outcomes.append(outcome)
     finally:
-        conn.execute("COMMIT")
+        if in_transaction:
+            conn.execute("COMMIT")
     return outcomes, used
 
 
 def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:
-    """The write that `handle_reads` leaves out, in a transaction of its own (worker thread)."""
+    """The write that `handle_reads` leaves out, in a transaction of its own (worker thread).
+
+    On PostgreSQL each key's one UPDATE commits by itself: no BEGIN and COMMIT round trips.
+    """
+    if is_postgres(conn):
+        accounts.mark_keys_used(conn, key_hashes, now)
+        return
     with transaction(conn):
         accounts.mark_keys_used(conn, key_hashes, now)
 
@@ -163,6 +181,10 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
             return Outcome(summarise=length > sessions.MAX_CONTEXT_CHARS)
         case MessageType.PING:
             return Outcome()
+        case MessageType.MINT_SECRET:
+            return Outcome(OK, secrets.mint(conn, args[0], int(args[1]) if args[1].isdigit() else 0, args[2], now))
+        case MessageType.SECRET_CONFIG:
+            return Outcome(OK, (secrets.find_usable_secret(conn, args[0], now)[2],))
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 
@@ -173,7 +195,9 @@ def _handle_one(conn: Connection, request: Request, now: str) -> Outcome:
             return handle(conn, request, now)
     except SwitchError as exc:
         return Outcome(exc.code, message=exc.message)
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):  # the whole batch is answered INTERNAL_DB_UNAVAILABLE and retried
+            raise
         log.exception("%s failed", request.type)
         return Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
 
@@ -194,7 +218,9 @@ def _record(conn: Connection, run: list[tuple[int, usage.Row]], results: list[Re
     try:
         with savepoint(conn):
             recorded = usage.record_rows(conn, [row for _, row in run], now)
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):
+            raise
         if len(run) > 1:
             for item in run:
                 _record(conn, [item], results, now)
@@ -224,7 +250,7 @@ def run_batch(conn: Connection, requests: Sequence[Request | usage.Row], now: st
             recorded = usage.record_rows(conn, requests, now)  # type: ignore[arg-type]
         except BaseException as exc:
             conn.execute("ROLLBACK")
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or is_transient(exc):
                 raise
             log.debug("a batch of %d usage rows failed; recording them one by one", len(requests))
         else:
@@ -267,7 +293,7 @@ def _replace_head(conn: Connection, account_id: str, session_id: str, head: str,
 
 
 async def summarise_conversation(
-    db: Database, url: str, api_key: str, account_id: str, session_id: str, conversation: str
+    db: Store, url: str, api_key: str, account_id: str, session_id: str, conversation: str
 ) -> bool:
     """Replace the conversation's complete lines by an LLM summary; True when replaced.
 
@@ -281,10 +307,26 @@ async def summarise_conversation(
     return await db.run(_replace_head, account_id, session_id, head, summary + "\n")
 
 
+def _claim(conn: Connection, account_id: str, session_id: str) -> bool:
+    now = datetime.now(UTC)
+    until = format_time(now + timedelta(seconds=CLAIM_S))
+    with transaction(conn):
+        return sessions.claim_summary(conn, account_id, session_id, format_time(now), until)
+
+
+def _release(conn: Connection, account_id: str, session_id: str) -> None:
+    with transaction(conn):
+        sessions.release_summary(conn, account_id, session_id)
+
+
 async def run_summariser(
-    db: Database, url: str, api_key: str, requests: trio.MemoryReceiveChannel[tuple[str, str]]
+    db: Store, url: str, api_key: str, requests: trio.MemoryReceiveChannel[tuple[str, str]]
 ) -> None:
-    """Summarise the conversations named on `requests`, at most one at a time per session."""
+    """Summarise the conversations named on `requests`, at most one at a time per session.
+
+    Across replicas too: a summary starts only under a claim in the store (`summary_claims`),
+    which expires by itself should its replica die.
+    """
     busy: set[tuple[str, str]] = set()
     retry_after: dict[tuple[str, str], int] = {}
 
@@ -294,12 +336,20 @@ async def run_summariser(
             conversation = await db.run(sessions.get_conversation, account_id, session_id)
             if conversation is None or len(conversation) <= max(sessions.MAX_CONTEXT_CHARS, retry_after.get(key, 0)):
                 return
+            if not await db.run(_claim, account_id, session_id):
+                return  # another replica is summarising it
             try:
                 replaced = await summarise_conversation(db, url, api_key, account_id, session_id, conversation)
             except SwitchError as exc:
                 retry_after[key] = len(conversation) + RETRY_GROWTH
                 log.warning("conversation summary failed: %s", exc.message, extra={"account": account_id})
                 return
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await db.run(_release, account_id, session_id)
+                    except Exception:  # the claim expires by itself
+                        log.warning("could not release a summary claim", extra={"account": account_id})
             retry_after.pop(key, None)
             if replaced:
                 log.info("conversation summarised (%d chars before)", len(conversation), extra={"account": account_id})

@@ -106,10 +106,14 @@ def put_session_update(conn: Connection, account_id: str, session_id: str, updat
 
 
 def append_conversation(conn: Connection, account_id: str, session_id: str, text: str, now: str) -> int:
-    """Append to the conversation; returns its length in characters afterwards."""
+    """Append to the conversation; returns its length in characters afterwards.
+
+    A NUL character (which PostgreSQL text cannot hold) is stored as U+FFFD, on both stores alike.
+    """
+    text = text.replace("\x00", "\ufffd")
     (length,) = conn.execute(
         "INSERT INTO sessions (account_id, session_id, type, data, created_at) VALUES (?, ?, 'CONV', ?, ?)"
-        " ON CONFLICT (account_id, session_id, type) DO UPDATE SET data = data || excluded.data"
+        " ON CONFLICT (account_id, session_id, type) DO UPDATE SET data = sessions.data || excluded.data"
         " RETURNING length(data)",
         (account_id, session_id, text, now),
     ).fetchone()
@@ -136,13 +140,29 @@ def get_conversation(conn: Connection, account_id: str, session_id: str) -> str 
 def replace_conversation_head(conn: Connection, account_id: str, session_id: str, head: str, replacement: str) -> bool:
     """Replace the text `head` that the conversation starts with, keeping whatever was appended after it.
 
-    False (and nothing changed) when the conversation no longer starts with `head`.
+    False (and nothing changed) when the conversation no longer starts with `head`. One
+    statement, so an append committed meanwhile by another replica is never lost.
     """
-    current = get_conversation(conn, account_id, session_id)
-    if current is None or not current.startswith(head):
-        return False
-    conn.execute(
-        "UPDATE sessions SET data = ? WHERE account_id = ? AND session_id = ? AND type = 'CONV'",
-        (replacement + current[len(head) :], account_id, session_id),
+    return bool(
+        conn.execute(
+            "UPDATE sessions SET data = ? || substr(data, ?) WHERE account_id = ? AND session_id = ? AND type = 'CONV'"
+            " AND substr(data, 1, ?) = ?",
+            (replacement, len(head) + 1, account_id, session_id, len(head), head),
+        ).rowcount
     )
-    return True
+
+
+def claim_summary(conn: Connection, account_id: str, session_id: str, now: str, until: str) -> bool:
+    """Take the right to summarise this conversation until `until`, unless another holds it; True when taken."""
+    return bool(
+        conn.execute(
+            "INSERT INTO summary_claims (account_id, session_id, claimed_until) VALUES (?, ?, ?)"
+            " ON CONFLICT (account_id, session_id) DO UPDATE SET claimed_until = excluded.claimed_until"
+            " WHERE summary_claims.claimed_until <= ?",
+            (account_id, session_id, until, now),
+        ).rowcount
+    )
+
+
+def release_summary(conn: Connection, account_id: str, session_id: str) -> None:
+    conn.execute("DELETE FROM summary_claims WHERE account_id = ? AND session_id = ?", (account_id, session_id))

@@ -13,10 +13,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
-from switchdb.db import Connection
+from switchdb.db import Connection, is_postgres
 
 # Approximate list prices in USD per 1M tokens (gpt-realtime, as published when this was
 # written). Used only for the operator's `usage` report, never for billing: credits are tokens.
@@ -255,6 +256,8 @@ def record_rows(conn: Connection, rows: Sequence[Row], now: str) -> list[int | S
     deducting each batch in turn would, and each batch lowers the balance by exactly its tokens.
     The Python part is one short loop per row: it holds the GIL the event loop needs.
     """
+    if is_postgres(conn):
+        return _record_rows_pg(conn, rows, now)
     balances: dict[str, int] = {}
     seen: set[str] = set()
     accounts = list({row[ACCOUNT_ID] for row in rows})
@@ -280,6 +283,83 @@ def record_rows(conn: Connection, rows: Sequence[Row], now: str) -> list[int | S
     return results
 
 
+# PostgreSQL, where several replicas write at once: the unique batch_id decides which rows are
+# new (a concurrent insert of the same id waits for the other transaction, then skips), and each
+# account's deduction is one atomic UPDATE ... RETURNING on the locked row.
+_PG_ACCOUNTS = "SELECT id FROM accounts WHERE id = ANY(%s)"
+_PG_COLUMNS = _COLUMNS
+_PG_DEDUCT = (
+    "UPDATE accounts SET topup_remaining = topup_remaining - least(greatest(topup_remaining, 0), %(tokens)s),"
+    " token_remaining = token_remaining - (%(tokens)s - least(greatest(topup_remaining, 0), %(tokens)s)),"
+    " updated_at = %(now)s WHERE id = %(account)s RETURNING token_remaining + topup_remaining"
+)
+
+
+@functools.cache
+def _pg_insert(rows: int) -> str:
+    row = "(" + ", ".join(["%s"] * (_ROW_WIDTH + 1)) + ")"
+    return (
+        f"INSERT INTO usage_metrics ({_PG_COLUMNS}) VALUES {', '.join([row] * rows)}"
+        " ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id"
+    )
+
+
+def _record_rows_pg(conn: Connection, rows: Sequence[Row], now: str) -> list[int | SwitchError]:
+    """`record_rows` on PostgreSQL, exact with other replicas recording for the same accounts at once.
+
+    The per-row balances of the reply are worked out from each account's balance after its one
+    atomic deduction: nothing read earlier is written back.
+    """
+    raw = conn.raw
+    wanted = sorted({row[1] for row in rows})  # row[1]: ACCOUNT_ID, row[0]: BATCH_ID, row[16]: TOKENS
+    known = {account_id for (account_id,) in raw.execute(_PG_ACCOUNTS, (wanted,)).fetchall()}
+    candidates: dict[str, Row] = {}
+    for row in rows:
+        if row[1] in known:
+            candidates.setdefault(row[0], row)
+    # Sorted by batch id, as every replica inserts: two transactions inserting the same ids (a
+    # retry racing its original on another replica) then never wait on each other in a cycle.
+    ordered = [candidates[batch_id] for batch_id in sorted(candidates)]
+    inserted: set[str] = set()
+    for start in range(0, len(ordered), INSERT_ROWS):
+        chunk = ordered[start : start + INSERT_ROWS]
+        params: list[object] = []
+        for row in chunk:
+            params += row
+            params.append(now)
+        inserted.update(batch_id for (batch_id,) in raw.execute(_pg_insert(len(chunk)), params).fetchall())
+    spent: dict[str, int] = {}
+    for batch_id in inserted:
+        row = candidates[batch_id]
+        spent[row[1]] = spent.get(row[1], 0) + row[16]
+    balance: dict[str, int] = {}  # each account's balance before this batch's deduction
+    for account_id in wanted:
+        if account_id not in known:
+            continue
+        if account_id in spent:
+            (after,) = raw.execute(
+                _PG_DEDUCT, {"tokens": spent[account_id], "now": now, "account": account_id}
+            ).fetchone()
+            balance[account_id] = int(after) + spent[account_id]
+        else:
+            (after,) = raw.execute(
+                "SELECT token_remaining + topup_remaining FROM accounts WHERE id = %s", (account_id,)
+            ).fetchone()
+            balance[account_id] = int(after)
+    results: list[int | SwitchError] = []
+    counted: set[str] = set()
+    for row in rows:
+        batch_id, account_id = row[0], row[1]
+        if account_id not in known:
+            results.append(SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}"))
+            continue
+        if batch_id in inserted and batch_id not in counted:
+            counted.add(batch_id)
+            balance[account_id] -= row[16]
+        results.append(balance[account_id])
+    return results
+
+
 def usage_summary(conn: Connection, account_id: str) -> UsageSummary:
     row = conn.execute(
         "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), coalesce(sum(total_tokens), 0),"
@@ -289,4 +369,6 @@ def usage_summary(conn: Connection, account_id: str) -> UsageSummary:
         " FROM usage_metrics WHERE account_id = ?",
         (account_id,),
     ).fetchone()
-    return UsageSummary(account_id, *row)
+    # PostgreSQL sums BIGINTs as numeric: back to Python ints, as SQLite gives them.
+    values: list[Any] = [*(int(value) for value in row[:-1]), float(row[-1])]
+    return UsageSummary(account_id, *values)

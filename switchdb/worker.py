@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
 from switchdb.db import Connection
 
 T = TypeVar("T")
+
+
+class Store(Protocol):
+    """What the daemon runs its SQL through: `Database` (SQLite) or `pg.PgDatabase` (a pool)."""
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T: ...
 
 
 class Database:

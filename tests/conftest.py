@@ -1,21 +1,41 @@
-"""Fixtures shared by the end-to-end tests: the real switchdb, and a scripted provider."""
+"""Fixtures shared by the end-to-end tests: the real switchdb, and a scripted provider over ws:// and wss://."""
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.stack import open_stack
 from tests.upstream import scripted_provider
 
 
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """The private CA the tests' providers are signed by; switchd trusts it through UPSTREAM_CA_FILE."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return path
+
+
 @pytest.fixture
-async def stack(tmp_path: Path):
-    async with open_stack(tmp_path) as s:
+async def stack(tmp_path: Path, ca_file: Path):
+    async with open_stack(tmp_path, UPSTREAM_CA_FILE=str(ca_file)) as s:
         yield s
 
 
-@pytest.fixture
-async def provider():
-    async with scripted_provider() as p:
+# Production talks TLS to the provider: every relay test runs over wss:// as well as ws://.
+@pytest.fixture(params=["wss", "ws"])
+async def provider(request: pytest.FixtureRequest, tls_ca: trustme.CA):
+    context = None
+    if request.param == "wss":
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    async with scripted_provider(context) as p:
         yield p

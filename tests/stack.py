@@ -57,8 +57,9 @@ def metrics_url(switch: Daemon) -> str:
 
 
 @asynccontextmanager
-async def open_stack(tmp: Path) -> AsyncIterator[Stack]:
-    env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp}/switchdb.sock", DB_PATH=str(tmp / "switch.db"), LOG_LEVEL="DEBUG")
+async def open_stack(tmp: Path, **extra: str) -> AsyncIterator[Stack]:
+    env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp}/switchdb.sock", DB_PATH=str(tmp / "switch.db"), LOG_LEVEL="DEBUG",
+                   **extra)
     async with daemon(["switchdb", "serve"], env, tmp / "switchdb.log") as db:
         stack = Stack(tmp, env, db)
         try:

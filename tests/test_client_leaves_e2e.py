@@ -100,9 +100,11 @@ async def test_response_in_progress_is_billed_when_the_client_leaves(
 async def test_response_asked_for_just_before_leaving_is_billed(stack: Stack, provider: ScriptedProvider) -> None:
     account_id, key = await stack.account(tokens=100_000)
     async with stack.switchd(provider.url) as sw:
-        stream, _ = await open_raw(client_url(sw, key, "ask-and-go"))
+        stream, rest = await open_raw(client_url(sw, key, "ask-and-go"))
         up = await provider.next()
         await up.send_json(session_created())
+        with trio.fail_after(10):
+            await receive_until(stream, rest, b"session.created", 1)  # the switch relays: its upstream is open
         await stream.send_all(encode_frame(OP_TEXT, b'{"type": "response.create"}', mask=True))
         await leave(stream, "close")
         await until_type(up, "response.create")

@@ -1,13 +1,11 @@
 """The official OpenAI Python SDK's realtime client, pointed at switchd, works unchanged."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import trio
 from openai import OpenAI
 
-from tests.stack import open_stack
-from tests.upstream import scripted_provider
+from tests.stack import Stack
+from tests.upstream import ScriptedProvider
 
 
 def sdk_conversation(base_url: str, key: str) -> tuple[str, str]:
@@ -18,8 +16,8 @@ def sdk_conversation(base_url: str, key: str) -> tuple[str, str]:
         return event.type, event.delta  # type: ignore[union-attr]
 
 
-async def test_openai_sdk_realtime_client_through_switchd(tmp_path: Path) -> None:
-    async with open_stack(tmp_path) as stack, scripted_provider() as provider:
+async def test_openai_sdk_realtime_client_through_switchd(stack: Stack, provider: ScriptedProvider) -> None:
+    if True:
         _, key = await stack.account()
         async with stack.switchd(provider.url) as sw:
             base_url = sw.address.replace("ws://", "http://") + "/v1"

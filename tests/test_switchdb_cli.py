@@ -1,9 +1,13 @@
-"""The admin CLI through its real entry point, `.venv/bin/switchdb`, as an operator runs it."""
+"""The admin CLI through its real entry point, `.venv/bin/switchdb`, as an operator runs it.
+
+Tests taking `store` run on both stores (DB_PATH, or DB_URL alone).
+"""
 from __future__ import annotations
 
 import json
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +16,31 @@ import pytest
 from common.usage import UsageTotals
 from common.wire import MessageType, Request
 from switchdb import accounts, service
-from switchdb.db import migrate, open_database, transaction, utc_now
+from switchdb import db
+from switchdb.db import transaction, utc_now
 from tests.daemons import BIN, base_env, daemon
+from tests.pg import open_conn, store_env, store_kind, store_url  # noqa: F401
+
+_ENV: dict[Path, dict[str, str]] = {}
+
+
+@pytest.fixture
+def store(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator[tuple[str, str | None]]:  # noqa: F811
+    """The test's store, which `run` then uses by default."""
+    _ENV[tmp_path] = base_env(**store_env(store_kind, tmp_path, store_url))
+    yield store_kind, store_url
+    del _ENV[tmp_path]
+
+
+def connect(tmp_path: Path, store: tuple[str, str | None]) -> db.Connection:
+    return open_conn(store[0], tmp_path, store[1])
 
 
 def run(tmp_path: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    default = _ENV.get(tmp_path) or base_env(DB_PATH=str(tmp_path / "db.sqlite"))
     return subprocess.run(
         [str(BIN / "switchdb"), *argv],
-        env=base_env(DB_PATH=str(tmp_path / "db.sqlite")) if env is None else env,
+        env=default if env is None else env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -46,7 +67,7 @@ def fails(tmp_path: Path, *argv: str, status: int = 1, names: str = "", **kw: An
 ACCOUNT_KEYS = {"id", "email", "plan_name", "token_remaining", "topup_remaining", "credits", "status", "created_at"}
 
 
-def test_accounts_and_credits(tmp_path: Path) -> None:
+def test_accounts_and_credits(tmp_path: Path, store: tuple[str, str | None]) -> None:
     first = ok_json(tmp_path, "migrate")
     assert first["migrations"] == first["applied_now"] and first["migrations"][0] == "0001_create_accounts"
     assert ok_json(tmp_path, "migrate") == {"migrations": first["migrations"], "applied_now": []}
@@ -81,7 +102,7 @@ def test_accounts_and_credits(tmp_path: Path) -> None:
     fails(tmp_path, "account", "show", "x", env=base_env(), names="DB_PATH")
 
 
-def test_keys(tmp_path: Path) -> None:
+def test_keys(tmp_path: Path, store: tuple[str, str | None]) -> None:
     account = ok_json(tmp_path, "account", "create", "--email", "k@example.com")
     created = ok_json(tmp_path, "key", "create", "--account", account["id"], "--label", "laptop",
                       "--expires-at", "2999-01-02T03:04:05+01:00")
@@ -94,7 +115,8 @@ def test_keys(tmp_path: Path) -> None:
     listed = ok_json(tmp_path, "key", "list", "--account", account["id"])["keys"]
     assert {k["key_hash"] for k in listed} == {created["key_hash"], other["key_hash"]}
     assert created["key"] not in json.dumps(listed)
-    assert created["key"] not in (tmp_path / "db.sqlite").read_bytes().decode("latin-1")
+    if store[0] == "sqlite":
+        assert created["key"] not in (tmp_path / "db.sqlite").read_bytes().decode("latin-1")
 
     revoked = ok_json(tmp_path, "key", "revoke", created["key_indicator"])
     assert revoked["key_hash"] == created["key_hash"] and revoked["revoked_at"]
@@ -102,7 +124,7 @@ def test_keys(tmp_path: Path) -> None:
     assert again["revoked_at"]
 
     # Two keys sharing an indicator: refused, naming the problem.
-    conn = open_database(str(tmp_path / "db.sqlite"), None)
+    conn = connect(tmp_path, store)
     with transaction(conn):
         conn.execute("UPDATE api_keys SET key_indicator = 'rsk_dupe...dupe'")
     conn.close()
@@ -117,10 +139,9 @@ def test_keys(tmp_path: Path) -> None:
     fails(tmp_path, "key", "create", "--account", account["id"], status=2, names="--label")
 
 
-def test_usage_report(tmp_path: Path) -> None:
+def test_usage_report(tmp_path: Path, store: tuple[str, str | None]) -> None:
     account = ok_json(tmp_path, "account", "create", "--email", "u@example.com", "--plan", "Pro")
-    conn = open_database(str(tmp_path / "db.sqlite"), None)
-    migrate(conn)
+    conn = connect(tmp_path, store)
     totals = UsageTotals(input_tokens=1000, output_tokens=500, input_text=200, input_audio=800, input_cached=100,
                          output_text=100, output_audio=400, transcription_tokens=50, reports=2)
     service.handle_batch(conn, [
@@ -143,11 +164,11 @@ def test_usage_report(tmp_path: Path) -> None:
     fails(tmp_path, "usage", "--account", "acct_nope", names="acct_nope")
 
 
-def test_seed_reuses_its_key_while_valid(tmp_path: Path) -> None:
+def test_seed_reuses_its_key_while_valid(tmp_path: Path, store: tuple[str, str | None]) -> None:
     first = ok_json(tmp_path, "seed")
     assert set(first) == {"account_id", "key", "session_id", "created"}
     assert first["created"] is True and first["session_id"] == "demo"
-    key_file = tmp_path / "db.sqlite.demo-key"
+    key_file = tmp_path / ("db.sqlite.demo-key" if store[0] == "sqlite" else "var/switchdb.demo-key")
     assert key_file.read_text().strip() == first["key"]
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     second = ok_json(tmp_path, "seed")
@@ -164,7 +185,7 @@ def test_seed_reuses_its_key_while_valid(tmp_path: Path) -> None:
     fourth = ok_json(tmp_path, "seed", "--key-file", str(custom))
     assert custom.read_text().strip() == fourth["key"] != third["key"]
 
-    conn = open_database(str(tmp_path / "db.sqlite"), None)
+    conn = connect(tmp_path, store)
     with transaction(conn):
         outcome = service.validate_and_load(conn, third["key"], "demo", utc_now())
     conn.close()
@@ -180,6 +201,13 @@ def test_encrypted_database_from_the_cli(tmp_path: Path) -> None:
     assert ok_json(tmp_path, "account", "show", account["id"], env=enc) == account
     fails(tmp_path, "account", "show", account["id"], env={**enc, "DB_ENCRYPTION_KEY": "k2"}, names="DB_ENCRYPTION_KEY")
     fails(tmp_path, "migrate", names="DB_ENCRYPTION_KEY")  # no key at all
+
+
+def test_db_url_errors_are_one_line_without_the_password(tmp_path: Path) -> None:
+    unreachable = base_env(DB_URL="postgresql://admin:s3cret-pw@127.0.0.1:1/ledger")
+    message = fails(tmp_path, "account", "show", "x", env=unreachable, names="cannot connect to DB_URL")
+    assert "s3cret-pw" not in message and "127.0.0.1" in message
+    fails(tmp_path, "migrate", env=base_env(DB_URL="mysql://x@y/z"), names="DB_URL must be a postgresql:// URL")
 
 
 async def test_ping(tmp_path: Path) -> None:

@@ -1,8 +1,14 @@
-"""switchdb as a real process (`switchdb serve`), driven over ZeroMQ like switchd drives it."""
+"""switchdb as a real process (`switchdb serve`), driven over ZeroMQ like switchd drives it.
+
+Tests taking `on_store` run on both stores: the helpers below then use the test's PostgreSQL
+database instead of the SQLite file.
+"""
 from __future__ import annotations
 
 import json
+import resource
 import socket
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,14 +26,29 @@ from common.zmq_trio import ZmqSocket
 from switchdb import accounts, sessions
 from switchdb.db import Connection, migrate, open_database, transaction
 from tests.daemons import BIN, base_env, daemon
+from tests.pg import open_conn, store_kind, store_url  # noqa: F401
 
 USAGE_5 = UsageTotals(input_tokens=3, output_tokens=2, input_audio=3, output_audio=2, reports=1).to_json()
 
 
+_PG: dict[Path, str] = {}
+
+
+@pytest.fixture
+def on_store(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator[str]:  # noqa: F811
+    if store_url is not None:
+        _PG[tmp_path] = store_url
+    yield store_kind
+    _PG.pop(tmp_path, None)
+
+
 @contextmanager
 def store(tmp_path: Path, key: str | None = None) -> Iterator[Connection]:
-    conn = open_database(str(tmp_path / "db.sqlite"), key)
-    migrate(conn)
+    if tmp_path in _PG:
+        conn = open_conn("postgresql", tmp_path, _PG[tmp_path])
+    else:
+        conn = open_database(str(tmp_path / "db.sqlite"), key)
+        migrate(conn)
     try:
         yield conn
     finally:
@@ -43,7 +64,11 @@ def seed(tmp_path: Path, tokens: int = 1000, topup: int = 0) -> tuple[str, str]:
 
 
 def env(tmp_path: Path, endpoint: str | None = None, **extra: str) -> dict[str, str]:
-    config = {"ZMQ_SOCKET_PATH": endpoint or f"ipc://{tmp_path}/db.sock", "DB_PATH": str(tmp_path / "db.sqlite")}
+    config = {"ZMQ_SOCKET_PATH": endpoint or f"ipc://{tmp_path}/db.sock"}
+    if tmp_path in _PG:
+        config["DB_URL"] = _PG[tmp_path]
+    else:
+        config["DB_PATH"] = str(tmp_path / "db.sqlite")
     return base_env(**{**config, **extra})
 
 
@@ -57,7 +82,7 @@ async def refused(client: DbClient, type: MessageType, *args: str) -> SwitchErro
     return err.value
 
 
-async def test_every_message_type(tmp_path: Path) -> None:
+async def test_every_message_type(tmp_path: Path, on_store: str) -> None:
     account_id, key = seed(tmp_path, tokens=100, topup=10)
     async with switchdb(tmp_path) as d, open_db_client(d.address, 5000) as db:
         assert d.address == f"ipc://{tmp_path}/db.sock"
@@ -91,7 +116,7 @@ async def test_every_message_type(tmp_path: Path) -> None:
         assert err.code == ErrorCode.EXTERNAL_NO_CREDITS
         assert err.fields[:2] == (account_id, "-95") and "Hi." in err.fields[2]  # type: ignore[attr-defined]
 
-        # The CLI writes to the same file while the daemon runs (WAL): a revoked key stops working.
+        # The CLI writes to the same store while the daemon runs: a revoked key stops working.
         with store(tmp_path) as conn, transaction(conn):
             accounts.revoke_key(conn, accounts.hash_key(key))
         assert (await refused(db, MessageType.VALIDATE_AND_LOAD, key, "s1")).code == ErrorCode.EXTERNAL_INVALID_AUTH
@@ -99,7 +124,7 @@ async def test_every_message_type(tmp_path: Path) -> None:
     assert key not in d.log() and "hello" not in d.log()
 
 
-async def test_concurrent_clients_exact_balance(tmp_path: Path) -> None:
+async def test_concurrent_clients_exact_balance(tmp_path: Path, on_store: str) -> None:
     clients, per_client = 8, 150
     account_id, _ = seed(tmp_path, tokens=1_000_000)
     acked: list[int] = []
@@ -128,7 +153,7 @@ async def test_concurrent_clients_exact_balance(tmp_path: Path) -> None:
     assert len(acked) == clients * (per_client + per_client // 10)
 
 
-async def test_state_survives_a_restart_and_the_default_command_serves(tmp_path: Path) -> None:
+async def test_state_survives_a_restart_and_the_default_command_serves(tmp_path: Path, on_store: str) -> None:
     account_id, key = seed(tmp_path)
     async with switchdb(tmp_path, "serve") as d, open_db_client(d.address, 5000) as db:
         await db.request(MessageType.RECORD_USAGE, "b1", account_id, "s", "openai", "m", USAGE_5)
@@ -143,7 +168,7 @@ async def test_state_survives_a_restart_and_the_default_command_serves(tmp_path:
         assert await db.request(MessageType.RECORD_USAGE, "b1", account_id, "s", "openai", "m", USAGE_5) == ("995",)
 
 
-async def test_sigterm_with_requests_in_flight_loses_nothing_acknowledged(tmp_path: Path) -> None:
+async def test_sigterm_with_requests_in_flight_loses_nothing_acknowledged(tmp_path: Path, on_store: str) -> None:
     account_id, _ = seed(tmp_path, tokens=10_000_000)
     acked: set[str] = set()
     enough = trio.Event()
@@ -184,7 +209,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_acknowledged(tmp_pa
     assert balance == 10_000_000 - 5 * len(stored)
 
 
-async def test_garbage_never_stops_the_daemon(tmp_path: Path) -> None:
+async def test_garbage_never_stops_the_daemon(tmp_path: Path, on_store: str) -> None:
     account_id, _ = seed(tmp_path)
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
@@ -246,7 +271,7 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_tcp_endpoint(tmp_path: Path) -> None:
+async def test_tcp_endpoint(tmp_path: Path, on_store: str) -> None:
     account_id, key = seed(tmp_path)
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     async with switchdb(tmp_path, ZMQ_SOCKET_PATH=endpoint) as d, open_db_client(d.address, 5000) as db:
@@ -272,3 +297,71 @@ async def test_encrypted_database_serves_with_the_right_key(tmp_path: Path) -> N
     async with switchdb(tmp_path, DB_ENCRYPTION_KEY="s3cret") as d, open_db_client(d.address, 5000) as db:
         assert await db.request(MessageType.GET_CREDITS, account.id) == ("1000",)
     assert b"enc@example.com" not in (tmp_path / "db.sqlite").read_bytes()
+
+
+async def test_a_second_daemon_on_the_same_ipc_path_refuses_to_start(tmp_path: Path) -> None:
+    account_id, _ = seed(tmp_path)
+    async with switchdb(tmp_path) as first, open_db_client(first.address, 5000) as db:
+        other = tmp_path / "other"
+        other.mkdir()
+        # Another database, the same endpoint: it must not take the path over.
+        with trio.fail_after(30):
+            proc = await trio.run_process([str(BIN / "switchdb"), "serve"], capture_stdout=True, capture_stderr=True,
+                                          check=False, env=env(tmp_path, DB_PATH=str(other / "db.sqlite")), cwd=other)
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 1 and proc.stdout == b""
+        assert stderr.count("\n") == 1 and "is in use" in stderr and first.address in stderr
+        # The first daemon still owns the path and answers.
+        assert await db.request(MessageType.GET_CREDITS, account_id) == ("1000",)
+        async with open_db_client(first.address, 5000) as fresh:
+            assert await fresh.request(MessageType.GET_CREDITS, account_id) == ("1000",)
+        first.terminate(signal.SIGKILL)  # leaves its socket file behind
+        await first.proc.wait()
+    assert (tmp_path / "db.sock").exists()
+    async with switchdb(tmp_path) as again, open_db_client(again.address, 5000) as db:  # a stale file is taken over
+        assert await db.request(MessageType.GET_CREDITS, account_id) == ("1000",)
+
+
+async def test_a_full_disk_is_answered_retryable_and_the_retry_counts_once(tmp_path: Path) -> None:
+    # The daemon may not write past a file size limit (as on a full disk: the write fails), set
+    # on the running process and lifted again. What it could not store it answers
+    # INTERNAL_DB_UNAVAILABLE, so switchd keeps it; the retry after the space is back counts once.
+    start = 1_000_000
+    account_id, key = seed(tmp_path, tokens=start)
+    async with switchdb(tmp_path) as d, open_db_client(d.address, 10_000) as db:
+        assert await db.request(MessageType.RECORD_USAGE, "b-ok", account_id, "s", "openai", "m", USAGE_5) == (
+            str(start - 5),)
+        files = [tmp_path / name for name in ("db.sqlite", "db.sqlite-wal", "switchdb.log")]
+        limit = max(f.stat().st_size for f in files if f.exists()) + 256 * 1024
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.prlimit(d.pid, resource.RLIMIT_FSIZE, (limit, hard))
+        acked, failed = ["b-ok"], None
+        model = "m" * 4000  # big rows: the write-ahead log reaches the limit within a few hundred batches
+        for i in range(1000):
+            try:
+                await db.request(MessageType.RECORD_USAGE, f"b{i}", account_id, "s", "openai", model, USAGE_5)
+            except SwitchError as exc:
+                assert exc.code == ErrorCode.INTERNAL_DB_UNAVAILABLE  # retryable, never a refusal
+                failed = f"b{i}"
+                break
+            acked.append(f"b{i}")
+        assert failed is not None
+        # A conversation append (no reply: switchd cannot retry it) while the disk is full is kept.
+        await db.send(MessageType.APPEND_CONVERSATION, account_id, "s", "user:kept\n")
+        with pytest.raises(SwitchError):  # still full: the append's batch failed too
+            await db.request(MessageType.RECORD_USAGE, failed, account_id, "s", "openai", model, USAGE_5)
+        resource.prlimit(d.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        (credits,) = await db.request(MessageType.RECORD_USAGE, failed, account_id, "s", "openai", model, USAGE_5)
+        (again,) = await db.request(MessageType.RECORD_USAGE, failed, account_id, "s", "openai", model, USAGE_5)
+        with trio.fail_after(10):
+            while True:  # each try is a real round trip; the kept append is retried about once a second
+                _, _, update = await db.request(MessageType.VALIDATE_AND_LOAD, key, "s")
+                if update:
+                    break
+        assert json.loads(update)["session"]["instructions"].endswith(sessions.MARKER + "user:kept\n")
+    assert int(credits) == int(again) == start - 5 * (len(acked) + 1)
+    with store(tmp_path) as conn:
+        ids = {row[0] for row in conn.execute("SELECT batch_id FROM usage_metrics")}
+        assert ids == {*acked, failed}
+        assert accounts.require_account(conn, account_id).credits == int(credits)
+    assert "to be retried" in d.log()

@@ -1,4 +1,7 @@
-"""switchdb's store and service logic on real SQLite files (no daemon)."""
+"""switchdb's store and service logic on real SQLite files and a real PostgreSQL (no daemon).
+
+Tests taking `conn` run on both stores.
+"""
 from __future__ import annotations
 
 import json
@@ -13,12 +16,12 @@ from common.usage import UsageTotals
 from common.wire import OK, MessageType, Request
 from switchdb import accounts, db, service, sessions, usage
 from switchdb.db import migrate, open_database, transaction, utc_now
+from tests.pg import open_conn, store_kind, store_url  # noqa: F401
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[db.Connection]:
-    c = open_database(str(tmp_path / "s.db"), None)
-    migrate(c)
+def conn(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator[db.Connection]:  # noqa: F811
+    c = open_conn(store_kind, tmp_path, store_url, "s.db")
     yield c
     c.close()
 
@@ -325,14 +328,13 @@ def test_replace_conversation_head_keeps_what_was_appended(conn: db.Connection) 
     assert sessions.get_conversation(conn, a.id, "s") == "summary:ab\nuser:c\n"
 
 
-def test_batches_recorded_together_match_one_at_a_time(tmp_path: Path) -> None:
+def test_batches_recorded_together_match_one_at_a_time(conn: db.Connection) -> None:
     # The bulk path (one run of usage in a batch) against a model of the credit rules applied
     # batch by batch: topup first, plan tokens may go negative, a batch id counts once.
     import random
 
     rng = random.Random(7)
-    c = open_database(str(tmp_path / "bulk.db"), None)
-    migrate(c)
+    c = conn
     ids = [new_account(c, f"u{i}@example.com", tokens=rng.randint(0, 500), topup=rng.choice([0, 40, 300])).id
            for i in range(3)]
     model = {a: list(c.execute("SELECT token_remaining, topup_remaining FROM accounts WHERE id = ?", (a,)).fetchone())
@@ -365,7 +367,6 @@ def test_batches_recorded_together_match_one_at_a_time(tmp_path: Path) -> None:
         assert list(c.execute("SELECT token_remaining, topup_remaining FROM accounts WHERE id = ?", (a,)).fetchone()) \
             == model[a]
     assert c.execute("SELECT count(*) FROM usage_metrics").fetchone()[0] == len(seen)
-    c.close()
 
 
 def test_usage_runs_keep_their_order_with_other_requests(conn: db.Connection) -> None:
@@ -403,8 +404,13 @@ def test_a_failing_batch_in_a_run_fails_alone(conn: db.Connection) -> None:
     # A write failing for a reason no check foresaw (here a trigger) undoes the run, which is
     # then recorded batch by batch: only the failing one gets INTERNAL_ERROR.
     a = new_account(conn, tokens=1000)
-    conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
-                 " BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    if db.is_postgres(conn):
+        conn.execute("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                     " IF NEW.batch_id = 'bad' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics FOR EACH ROW EXECUTE FUNCTION boom()")
+    else:
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
+                     " BEGIN SELECT RAISE(ABORT, 'boom'); END")
     outcomes = batch(conn, *[(MessageType.RECORD_USAGE, (b, a.id, "s", "openai", "m", usage_json(10)))
                              for b in ("b1", "bad", "b2")])
     assert [(o.status, o.fields) for o in outcomes] == [

@@ -1,4 +1,4 @@
-"""Conversation summaries against a fake Gemini endpoint on loopback."""
+"""Conversation summaries against a fake Gemini endpoint on loopback, on both stores."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,11 @@ from common.dbclient import open_db_client
 from common.errors import SwitchError
 from common.wire import MessageType, Request
 from switchdb import accounts, service, sessions, summarise
-from switchdb.db import migrate, open_database, transaction, utc_now
-from switchdb.worker import Database
+from switchdb.db import transaction, utc_now
+from switchdb.pg import PgDatabase
+from switchdb.worker import Database, Store
 from tests.daemons import base_env, daemon
+from tests.pg import open_conn, store_env, store_kind, store_url  # noqa: F401
 
 LINE = "user:" + "y" * 94 + "\n"  # 100 characters
 LONG = LINE * 330  # 33,000 characters: past the 32,000 limit
@@ -87,23 +89,29 @@ def test_request_and_response_shapes() -> None:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Iterator[tuple[Database, str]]:
-    conn = open_database(str(tmp_path / "db.sqlite"), None)
-    migrate(conn)
+def database(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator[tuple[Store, str]]:  # noqa: F811
+    conn = open_conn(store_kind, tmp_path, store_url)
     with transaction(conn):
         account = accounts.create_account(conn, "s@example.com")
-    yield Database(conn), account.id
+    if store_url is None:
+        yield Database(conn), account.id
+    else:  # the daemon's way on PostgreSQL: a pool
+        conn.close()
+        pool = PgDatabase(store_url)
+        pool.open()
+        yield pool, account.id
+        pool.close()
     conn.close()
 
 
-async def append(db: Database, account_id: str, text: str) -> service.Outcome:
+async def append(db: Store, account_id: str, text: str) -> service.Outcome:
     (outcome,) = await db.run(
         service.handle_batch, [Request("r", MessageType.APPEND_CONVERSATION, (account_id, "s", text))], utc_now()
     )
     return outcome
 
 
-async def test_summary_replaces_the_text_and_keeps_what_came_meanwhile(database: tuple[Database, str]) -> None:
+async def test_summary_replaces_the_text_and_keeps_what_came_meanwhile(database: tuple[Store, str]) -> None:
     db, account_id = database
     assert (await append(db, account_id, LONG + "agent:half a li")).summarise
     with fake_llm() as llm:
@@ -122,7 +130,7 @@ async def test_summary_replaces_the_text_and_keeps_what_came_meanwhile(database:
     assert stored == "summary:short\nagent:half a line\nuser:meanwhile\n"
 
 
-async def test_failures_leave_the_text_alone(database: tuple[Database, str]) -> None:
+async def test_failures_leave_the_text_alone(database: tuple[Store, str]) -> None:
     db, account_id = database
     await append(db, account_id, LONG)
     for kw in ({"status": 500}, {"answer": lambda prompt: prompt + prompt}):
@@ -135,7 +143,7 @@ async def test_failures_leave_the_text_alone(database: tuple[Database, str]) -> 
     assert await db.run(sessions.get_conversation, account_id, "s") == LONG
 
 
-async def test_summariser_task_runs_one_summary_per_session_at_a_time(database: tuple[Database, str]) -> None:
+async def test_summariser_task_runs_one_summary_per_session_at_a_time(database: tuple[Store, str]) -> None:
     db, account_id = database
     await append(db, account_id, LONG)
     with fake_llm() as llm:
@@ -153,16 +161,52 @@ async def test_summariser_task_runs_one_summary_per_session_at_a_time(database: 
     assert await db.run(sessions.get_conversation, account_id, "s") == "summary:short\n"
 
 
-async def test_daemon_summarises_in_the_background(tmp_path: Path) -> None:
-    conn = open_database(str(tmp_path / "db.sqlite"), None)
-    migrate(conn)
+async def test_two_replicas_never_summarise_one_session_at_once(database: tuple[Store, str]) -> None:
+    # Two summariser tasks (as two replicas would run) asked about the same session: the claim
+    # in the store lets one call the LLM; the other gives up at once.
+    db, account_id = database
+    await append(db, account_id, LONG)
+    with fake_llm() as llm:
+        llm.gate.clear()
+        first_send, first = trio.open_memory_channel[tuple[str, str]](10)
+        second_send, second = trio.open_memory_channel[tuple[str, str]](10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run_summariser, db, llm.url, "gk", first)
+            async with first_send:
+                await first_send.send((account_id, "s"))
+                await wait_for(llm.received)
+                assert await _claimed(db, account_id)
+                async with second_send:
+                    await second_send.send((account_id, "s"))
+                # Returns once its one request is done: had it called the LLM, it would wait at the gate.
+                with trio.fail_after(10):
+                    await service.run_summariser(db, llm.url, "gk", second)
+                llm.gate.set()
+    assert len(llm.requests) == 1
+    assert await db.run(sessions.get_conversation, account_id, "s") == "summary:short\n"
+    assert not await _claimed(db, account_id)  # released after the summary
+
+
+async def _claimed(db: Store, account_id: str) -> bool:
+    def claimed(conn: object) -> bool:
+        return bool(conn.execute(  # type: ignore[attr-defined]
+            "SELECT 1 FROM summary_claims WHERE account_id = ? AND session_id = 's'", (account_id,)
+        ).fetchone())
+
+    return await db.run(claimed)
+
+
+async def test_daemon_summarises_in_the_background(
+    tmp_path: Path, store_kind: str, store_url: str | None  # noqa: F811
+) -> None:
+    conn = open_conn(store_kind, tmp_path, store_url)
     with transaction(conn):
         account = accounts.create_account(conn, "bg@example.com")
         key, _ = accounts.create_key(conn, account.id, "k")
     conn.close()
     with fake_llm() as llm:
         llm.gate.clear()
-        env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp_path}/db.sock", DB_PATH=str(tmp_path / "db.sqlite"),
+        env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp_path}/db.sock", **store_env(store_kind, tmp_path, store_url),
                        GEMINI_API_KEY="gk-daemon", GEMINI_URL=llm.url)
         async with daemon(["switchdb"], env, tmp_path / "switchdb.log", cwd=tmp_path) as d, \
                 open_db_client(d.address, 5000) as db:

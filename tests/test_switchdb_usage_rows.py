@@ -8,8 +8,10 @@ refusals, same balances.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MAX_MESSAGE_BYTES, MessageType, Request, decode_request, encode_request
 from switchdb import accounts, service, usage
-from switchdb.db import Connection, migrate, open_database, transaction, utc_now
+from switchdb.db import Connection, is_postgres, transaction, utc_now
+from tests.pg import fresh_database, open_conn, store_kind, store_url  # noqa: F401
 
 ARGS = ("b1", "acct_1", "s", "openai", "gpt-realtime")
 
@@ -159,9 +162,8 @@ def test_planning_a_flood_batch_matches_the_general_plan(
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Connection:
-    c = open_database(str(tmp_path / "u.db"), None)
-    migrate(c)
+def conn(tmp_path: Path, store_kind: str, store_url: str | None) -> Connection:  # noqa: F811
+    c = open_conn(store_kind, tmp_path, store_url, "u.db")
     yield c  # type: ignore[misc]
     c.close()
 
@@ -181,55 +183,73 @@ def test_every_batch_size_stores_every_row_exactly(conn: Connection, size: int) 
     a = _account(conn, "a@example.com", 10**6)
     results = service.run_batch(conn, [_row(f"b{i}", a, i) for i in range(size)], utc_now())
     assert results == [10**6 - i * (i + 1) // 2 for i in range(size)]
-    stored = conn.execute("SELECT batch_id, input_tokens, typeof(input_tokens), typeof(transcription_seconds),"
-                          " total_tokens FROM usage_metrics ORDER BY id").fetchall()
-    assert stored == [(f"b{i}", i, "integer", "real", i) for i in range(size)]
+    if is_postgres(conn):
+        typeof, types = "pg_typeof({})::text", ("bigint", "double precision")
+    else:
+        typeof, types = "typeof({})", ("integer", "real")
+    stored = conn.execute(f"SELECT batch_id, input_tokens, {typeof.format('input_tokens')},"
+                          f" {typeof.format('transcription_seconds')}, total_tokens"
+                          " FROM usage_metrics ORDER BY id").fetchall()
+    # (PostgreSQL inserts a batch's rows in batch id order: ids need not follow the arrival order.)
+    assert sorted(stored) == sorted((f"b{i}", i, *types, i) for i in range(size))
 
 
-def test_flood_batches_and_general_batches_agree(tmp_path: Path) -> None:
+def test_flood_batches_and_general_batches_agree(tmp_path: Path, store_kind: str) -> None:  # noqa: F811
     # The same stream (repeats, unknown accounts, top-ups, then batches of new ids only) through the
     # all-usage way (rows only) and through the general way (Requests, with a read among them):
     # same answers, same store.
-    import random
-
     answers, stores = [], []
     for way in ("rows", "requests"):
         rng = random.Random(11)
-        c = open_database(str(tmp_path / f"{way}.db"), None)
-        migrate(c)
-        ids = [_account(c, f"u{i}@example.com", rng.randint(0, 300), rng.choice([0, 50])) for i in range(2)]
-        name = {a: f"account{i}" for i, a in enumerate(ids)}
-        got: list[object] = []
-        for start in range(0, 240, 60):
-            fresh = start >= 120  # new and distinct ids, known accounts: the flood's shape
-            batch: list[object] = []
-            for n in range(start, start + 60):
-                account = rng.choice(ids if fresh else [*ids, "acct_nobody"])
-                batch_id = f"u{n}" if fresh else f"b{rng.randint(0, 150)}"
-                args = (batch_id, account, "s", "openai", "m",
-                        UsageTotals(input_tokens=rng.randint(0, 40), output_tokens=rng.randint(0, 40)).to_json())
-                batch.append(service.read_row(*args) if way == "rows" else
-                             Request(f"r{n}", MessageType.RECORD_USAGE, args))
-            if way == "requests":
-                batch.append(Request("credits", MessageType.GET_CREDITS, (ids[0],)))
-            outcomes = service.handle_batch(c, batch, utc_now())  # type: ignore[arg-type]
-            got += [(o.status, o.fields, o.message.replace(ids[0], "account0").replace(ids[1], "account1"))
-                    for o in outcomes[:60]]
-        answers.append(got)
-        stores.append(([(b, name.get(a, a), t) for b, a, t in
-                        c.execute("SELECT batch_id, account_id, total_tokens FROM usage_metrics ORDER BY id")],
-                       [(name[a], t, u) for a, t, u in
-                        c.execute("SELECT id, token_remaining, topup_remaining FROM accounts")]))
-        c.close()
+        with contextlib.ExitStack() as cleanup:
+            url = cleanup.enter_context(fresh_database()) if store_kind == "postgresql" else None
+            c = open_conn(store_kind, tmp_path, url, f"{way}.db")
+            cleanup.callback(c.close)
+            answers.append(_flood_answers(c, rng, way))
+            stores.append(_flood_store(c))
     assert answers[0] == answers[1]
     assert sorted(stores[0][1]) == sorted(stores[1][1])
     assert stores[0][0] == stores[1][0]
 
 
+def _flood_answers(c: Connection, rng: random.Random, way: str) -> list[object]:
+    ids = [_account(c, f"u{i}@example.com", rng.randint(0, 300), rng.choice([0, 50])) for i in range(2)]
+    got: list[object] = []
+    for start in range(0, 240, 60):
+        fresh = start >= 120  # new and distinct ids, known accounts: the flood's shape
+        batch: list[object] = []
+        for n in range(start, start + 60):
+            account = rng.choice(ids if fresh else [*ids, "acct_nobody"])
+            batch_id = f"u{n}" if fresh else f"b{rng.randint(0, 150)}"
+            args = (batch_id, account, "s", "openai", "m",
+                    UsageTotals(input_tokens=rng.randint(0, 40), output_tokens=rng.randint(0, 40)).to_json())
+            batch.append(service.read_row(*args) if way == "rows" else
+                         Request(f"r{n}", MessageType.RECORD_USAGE, args))
+        if way == "requests":
+            batch.append(Request("credits", MessageType.GET_CREDITS, (ids[0],)))
+        outcomes = service.handle_batch(c, batch, utc_now())  # type: ignore[arg-type]
+        got += [(o.status, o.fields, o.message.replace(ids[0], "account0").replace(ids[1], "account1"))
+                for o in outcomes[:60]]
+    return got
+
+
+def _flood_store(c: Connection) -> tuple[list[object], list[object]]:
+    ids = [a for (a,) in c.execute("SELECT id FROM accounts ORDER BY created_at, email")]
+    name = {a: f"account{i}" for i, a in enumerate(ids)}
+    return ([(b, name.get(a, a), t) for b, a, t in
+             c.execute("SELECT batch_id, account_id, total_tokens FROM usage_metrics ORDER BY id")],
+            [(name[a], t, u) for a, t, u in c.execute("SELECT id, token_remaining, topup_remaining FROM accounts")])
+
+
 def test_a_failing_row_in_a_flood_batch_fails_alone(conn: Connection) -> None:
     a = _account(conn, "a@example.com", 1000)
-    conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
-                 " BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    if is_postgres(conn):
+        conn.execute("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                     " IF NEW.batch_id = 'bad' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics FOR EACH ROW EXECUTE FUNCTION boom()")
+    else:
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
+                     " BEGIN SELECT RAISE(ABORT, 'boom'); END")
     outcomes = service.handle_batch(conn, [_row("b1", a, 10), _row("bad", a, 10), _row("b2", a, 10)], utc_now())
     assert [(o.status, o.fields) for o in outcomes] == [
         ("OK", ("990",)), (ErrorCode.INTERNAL_ERROR, ()), ("OK", ("980",))

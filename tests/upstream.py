@@ -6,6 +6,7 @@ the provider says and does: send events, read what switchd sent, close with any 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ class ScriptedProvider:
 
 
 @asynccontextmanager
-async def scripted_provider() -> AsyncIterator[ScriptedProvider]:
+async def scripted_provider(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[ScriptedProvider]:
+    """On ws://, or on wss:// with `ssl_context` (a certificate for 127.0.0.1)."""
     send, receive = trio.open_memory_channel[Upstream](100)
 
     async def handler(request: WebSocketRequest) -> None:
@@ -57,8 +59,9 @@ async def scripted_provider() -> AsyncIterator[ScriptedProvider]:
             pass
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-        yield ScriptedProvider(f"ws://127.0.0.1:{server.port}/v1/realtime?model=gpt-realtime", receive)
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, ssl_context)
+        scheme = "wss" if ssl_context else "ws"
+        yield ScriptedProvider(f"{scheme}://127.0.0.1:{server.port}/v1/realtime?model=gpt-realtime", receive)
         nursery.cancel_scope.cancel()
 
 

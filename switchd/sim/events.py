@@ -15,10 +15,11 @@ import string
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import attrs
 
 Event = dict[str, Any]
 
@@ -113,7 +114,7 @@ def obfuscation() -> str:
 
 # --- handshake faults ---------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Fault:
     """A provider configuration fault: upgrade, send `event`, close at once with code/reason."""
     event: Event
@@ -333,7 +334,7 @@ def validate_response_params(params: object) -> Mapping[str, Any]:
 
 # --- usage ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Tokens:
     text: int = 0
     audio: int = 0
@@ -478,7 +479,7 @@ def speech_threshold(vad_threshold: float) -> float:
 
 # --- response events --------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class ResponseRef:
     """What every event of one response repeats."""
     response_id: str

@@ -7,16 +7,19 @@ The first task to end ends the connection; the provider's session cap is a deadl
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 
+import attrs
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
 
 from switchd.sim import events as ev
+from switchd.sim import calls
 from switchd.sim.session import ResponseJob, Session
+from switchd.sim.transcription import new_session
 
 logger = logging.getLogger(__name__)
 
@@ -25,29 +28,42 @@ SEND_TIMEOUT = 10.0  # a client that stops reading for this long loses its sessi
 CLOSE_TIMEOUT = 5.0  # how long a close waits for the client's close frame
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class SimOptions:
     fast: bool = False  # send responses as fast as possible instead of at playback speed
     echo: bool = False  # send every client frame back verbatim and do nothing else
     max_session_seconds: float = 3600.0  # the provider's cap is 60 minutes
 
 
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context for `wss://`: the certificate chain (PEM, leaf first) and its private key.
+
+    Missing or mismatched files raise OSError / ssl.SSLError here, before the server binds."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 async def serve(
-    host: str, port: int, *, options: SimOptions, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    host: str, port: int, *, options: SimOptions, ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve until cancelled; `task_status.started()` gets the bound port (useful with port 0)."""
+    """Serve until cancelled (`wss://` with `ssl_context`, else `ws://`); `task_status.started()`
+    gets the bound port (useful with port 0)."""
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            partial(serve_websocket, partial(_handle, options=options), host, port, None,
-                    max_message_size=MAX_EVENT_BYTES))
+            partial(calls.serve_with_calls, partial(_handle, options=options), host, port, ssl_context,
+                    max_message_size=MAX_EVENT_BYTES, fast=options.fast, max_seconds=options.max_session_seconds))
         endpoint = server.listeners[0]
         bound = endpoint.port if isinstance(endpoint, Endpoint) else port
-        logger.info("listening on %s:%d (fast=%s echo=%s max_session_seconds=%s)",
-                    host, bound, options.fast, options.echo, options.max_session_seconds)
+        logger.info("listening on %s:%d (tls=%s fast=%s echo=%s max_session_seconds=%s)",
+                    host, bound, ssl_context is not None, options.fast, options.echo, options.max_session_seconds)
         task_status.started(bound)
 
 
 async def _handle(request: WebSocketRequest, *, options: SimOptions) -> None:
+    if await calls.serve_sideband(request):  # /v1/realtime?call_id=…: a WebRTC call's sideband
+        return
     offered = request.proposed_subprotocols
     try:
         # Like the provider: always upgrade, judge the request afterwards.
@@ -65,8 +81,8 @@ async def _handle(request: WebSocketRequest, *, options: SimOptions) -> None:
             await _send(ws, fault.event)
             await _close(ws, fault.close_code, fault.close_reason)
             return
-        session = Session(ev.query_model(request.path), now=time.time(),
-                          max_session_seconds=options.max_session_seconds)
+        session = new_session(request.path, now=time.time(),
+                              max_session_seconds=options.max_session_seconds)
         logger.debug("session %s opened", session.config["id"])
         await _run_session(ws, session, options)
         logger.debug("session %s ended", session.config["id"])

@@ -12,9 +12,9 @@ import copy
 import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
 import trio
 
 from switchd.sim import events as ev
@@ -24,7 +24,7 @@ VAD_FRAME_BYTES = 20 * BYTES_PER_MS  # VAD decides per 20 ms, so one big append 
 MIN_COMMIT_BYTES = 100 * BYTES_PER_MS  # the provider refuses to commit less than 100 ms
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Step:
     """One delta of a response: `at` seconds of playback after its start; text, or an audio chunk."""
     at: float
@@ -49,7 +49,7 @@ def plan_steps(text: str, audio: bool) -> list[Step]:
     return steps
 
 
-@dataclass(eq=False)
+@attrs.define(eq=False)
 class ResponseJob:
     """A response handed to the responder task; `cancel_scope` lets the reader stop it mid-stream."""
     ref: ResponseRef
@@ -58,7 +58,7 @@ class ResponseJob:
     prompt: Tokens
     cached: Tokens
     in_conversation: bool
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     cancel_reason: str | None = None
     sent_text: str = ""
     sent_audio_ms: int = 0
@@ -77,14 +77,14 @@ class ResponseJob:
         return ev.transcript_delta(self.ref, step.text) if self.ref.audio else ev.text_delta(self.ref, step.text)
 
 
-@dataclass
+@attrs.define
 class Reaction:
-    events: list[Event] = field(default_factory=list)
+    events: list[Event] = attrs.Factory(list)
     response: ResponseJob | None = None
     close: tuple[int, str] | None = None
 
 
-@dataclass
+@attrs.define
 class _Speech:
     item_id: str
     start: int  # buffer position (bytes) where the turn's audio starts, prefix padding included
@@ -102,15 +102,16 @@ _CONTENT_TYPES = {"user": ("input_text", "input_audio", "input_image"), "system"
                   "assistant": ("output_text", "output_audio")}
 
 
-def _choice(value: object, allowed: tuple[str, ...], param: str) -> None:
-    if value not in allowed:
+def _choice(value: object, allowed: tuple[str, ...], param: str) -> str:
+    """`value`, when it is one of `allowed`; else the provider's invalid_value error."""
+    if not isinstance(value, str) or value not in allowed:
         supported = ", ".join(f"'{a}'" for a in allowed)
         raise ClientError("invalid_value", f"Invalid value: '{value}'. Supported values are: {supported}.", param)
+    return value
 
 
 def _validate_item(item: Mapping[str, Any]) -> None:
-    kind = item.get("type")
-    _choice(kind, tuple(_ITEM_STRINGS), "item.type")
+    kind = _choice(item.get("type"), tuple(_ITEM_STRINGS), "item.type")
     for key in ("id", "call_id", *_ITEM_STRINGS[kind]):
         if key not in item:
             if key in _ITEM_STRINGS[kind]:
@@ -186,7 +187,9 @@ class Session:
         client_event_id: str | None = None
         try:
             if isinstance(frame, bytes):
-                raise ClientError("invalid_event", "Expected a text WebSocket message; binary frames are not supported.")
+                raise ClientError(
+                    "invalid_event", "Expected a text WebSocket message; binary frames are not supported."
+                )
             try:
                 msg = json.loads(frame)
             except (ValueError, RecursionError):
@@ -252,7 +255,9 @@ class Session:
                 r.close = (1000, "")
             case other:
                 supported = ", ".join(f"'{t}'" for t in ev.CLIENT_EVENT_TYPES)
-                raise ClientError("invalid_value", f"Invalid value: '{other}'. Supported values are: {supported}.", "type")
+                raise ClientError(
+                    "invalid_value", f"Invalid value: '{other}'. Supported values are: {supported}.", "type"
+                )
 
     # --- input audio ---------------------------------------------------------------------
 
@@ -348,7 +353,9 @@ class Session:
         item = self._item(msg)
         end_ms = msg.get("audio_end_ms")
         if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
-            raise ClientError("invalid_value", "Invalid 'audio_end_ms': expected a non-negative integer.", "audio_end_ms")
+            raise ClientError(
+                "invalid_value", "Invalid 'audio_end_ms': expected a non-negative integer.", "audio_end_ms"
+            )
         # The model forgets the audio the user never heard.
         tokens = self.item_tokens[item["id"]]
         self.item_tokens[item["id"]] = Tokens(tokens.text, min(tokens.audio, ev.output_audio_tokens(end_ms)))
