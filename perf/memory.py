@@ -85,8 +85,9 @@ async def per_session(switchd: procs.Daemon, key: str, sessions: int, max_payloa
                 stream = await open_session(host, int(port), resource)
                 stack.push_async_callback(stream.aclose)
                 streams.append(stream)
+            # switchd is another process: its gauge is polled, there is no event to wait on.
             while await _sessions_open(metrics_url) < sessions:
-                await trio.sleep(SETTLE_POLL_S)
+                await trio.sleep(SETTLE_POLL_S)  # noqa: ASYNC110
         idle = await settled_rss(switchd.pid)
         # A zero-key masked text frame (valid per RFC 6455), one byte short of complete.
         partial = head(max_payload, masked=True) + b"a" * (max_payload - 1)

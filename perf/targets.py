@@ -128,7 +128,8 @@ def _added_rtt(r: dict[str, Any]) -> tuple[float | None, str]:
     ws = c["websockets_relay"]
     direct, through = c["p50_ms"]["direct"] * 1000, c["p50_ms"]["through"] * 1000
     shown = (f"switchd +{fmt(c['added_median_rtt_us'], 0)} µs vs websockets relay +{fmt(ws['added_p50_us'], 0)} µs "
-             f"(×{fmt(c['added_over_websockets_relay'])}; p50 direct {fmt(direct, 0)}, switchd {fmt(through, 0)} µs)")
+             f"(×{fmt(c['added_over_websockets_relay'], 3)}; p50 direct {fmt(direct, 0)}, "
+             f"switchd {fmt(through, 0)} µs)")
     if ws["added_p50_us"] is None or ws["added_p50_us"] <= 0:
         return None, shown + " — the relay added nothing measurable, no bar"
     return c["added_over_websockets_relay"], shown

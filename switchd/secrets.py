@@ -24,10 +24,15 @@ from typing import Any
 
 import attrs
 
+from switchd.metering import CLIENT_AUDIO_PREFIX
+from switchd.websocket import Message
+from switchd.ws_codec import OP_TEXT, encode_frame
+
 SECRET_PREFIX = "ek_"
 # Fields kept as the secret set them, when it set them.
 FIXED_WHEN_SET = ("instructions", "prompt", "tools", "tool_choice")
 _UPDATE = '"session.update"'
+_AUDIO = CLIENT_AUDIO_PREFIX.encode()
 
 
 def is_secret(key: str) -> bool:
@@ -123,6 +128,21 @@ def enforce_frame(text: str, locks: Locks) -> tuple[str, tuple[str, ...]] | None
     if not changed:
         return None
     return json.dumps(forwarded, separators=(",", ":")), changed
+
+
+def locked_frame(message: Message, locks: Locks) -> tuple[bytes, tuple[str, ...]] | None:
+    """For a client's relayed message: None to relay it as it came, else (the masked frame to
+    relay instead, the paths overridden). Audio and other events are not parsed."""
+    if not message.text or message.startswith(_AUDIO) or _UPDATE.encode() not in message.payload:
+        return None
+    try:
+        text = message.payload.decode()
+    except UnicodeDecodeError:
+        return None
+    enforced = enforce_frame(text, locks)
+    if enforced is None:
+        return None
+    return encode_frame(OP_TEXT, enforced[0].encode(), mask=True), enforced[1]
 
 
 def upstream_model(config: Mapping[str, Any]) -> str | None:

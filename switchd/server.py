@@ -26,6 +26,7 @@ from common.errors import ErrorCode, SwitchError
 from common.wire import MessageType
 from switchd.accept import ResourceAlarm, can_open_socket, serve_accepting
 from switchd.billing import Outbox
+from switchd import calls
 from switchd.handshake import HTTP_STATUS, check_request_head, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
 from switchd.session import CLEANUP_S, Session, Switch
@@ -93,6 +94,8 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
             head, rest = await read_head(stream, bytearray())
     except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await _respond(stream, reject_response(426, "a WebSocket upgrade is required"))
+        return
+    if await calls.serve_http(switch, stream, head, rest):  # client secrets and WebRTC calls (issue 17)
         return
     try:
         check_request_head(head.start, head.headers)

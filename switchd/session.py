@@ -1,10 +1,13 @@
 """One client session: a nursery whose tasks relay, meter and remember until the first one ends.
 
 Tasks: the client reader, the upstream connection (connect, restore, read, reconnect), the
-usage batcher and a shutdown watcher. A task that ends the session for good either returns
-(client gone, provider ended the session) and cancels the nursery, or raises SwitchError,
-whose code picks the close code and the error event the client gets. Cleanup runs shielded
-under a deadline: usage goes to the outbox, the conversation to switchdb, then the sockets close.
+usage batcher, and watchers of the client's leaving, of shutdown and of idleness. A task that
+ends the session for good either cancels the nursery (provider ended the session, client gone
+and nothing more owed) or raises SwitchError, whose code picks the close code and the error
+event the client gets. A response or transcription the provider is still producing is billed
+whether anyone reads it or not, so a client's leaving and a shutdown first wait (SETTLE_S) for
+its usage. Cleanup runs shielded under a deadline: usage goes to the outbox, the conversation
+to switchdb, then the sockets close.
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import ssl
 import time
 from urllib.parse import parse_qs, urlsplit
 from collections.abc import Mapping
-from dataclasses import dataclass
 
+import attrs
 import trio
 
 from common import fastjson
@@ -49,7 +52,7 @@ CLEANUP_S = 3.0
 SETTLE_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class Switch:
     """What every session of one daemon shares; built once in `serve`."""
 
@@ -140,11 +143,13 @@ class Session:
 
     async def _watch_shutdown(self) -> None:
         await self.switch.shutdown.wait()
+        await self._settled()  # the client still gets the response under way, and it is billed
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
 
     async def _watch_idle(self) -> None:
         idle = self.switch.settings.idle_timeout
-        while (deadline := self.client.last_data_at + idle) > trio.current_time():
+        # The deadline moves with every client frame: a loop, not one sleep.
+        while (deadline := self.client.last_data_at + idle) > trio.current_time():  # noqa: ASYNC110
             await trio.sleep_until(deadline)
         raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
 
@@ -241,7 +246,9 @@ class Session:
                 tries = 0
             tries += 1
             if tries > MAX_TRIES:
-                raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_UNAVAILABLE, f"provider unavailable after {MAX_TRIES} tries")
+                raise SwitchError(
+                    ErrorCode.INTERNAL_UPSTREAM_UNAVAILABLE, f"provider unavailable after {MAX_TRIES} tries"
+                )
             self.switch.metrics.upstream_reconnects += 1
             log.warning("upstream lost (%s); reconnect %d/%d", reason or code, tries, MAX_TRIES, extra=self.log_extra)
             reconnecting = True
@@ -298,6 +305,7 @@ class Session:
                     raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
                 self.conversation.observe(event)
                 self._inflight_changed.set()
+                self._inflight_changed = trio.Event()
             metrics.frames_out += len(messages)
             await self._to_client(frames)
             await self._checkpoint()
@@ -348,11 +356,14 @@ class Session:
                     await up.send_text(RESPONSE_CANCEL)
                 except Closed:
                     pass
-            with trio.move_on_after(SETTLE_S):
-                while not self.inflight.settled:
-                    self._inflight_changed = trio.Event()
-                    await self._inflight_changed.wait()
+            await self._settled()
         done.cancel()
+
+    async def _settled(self) -> None:
+        """Until the provider has reported everything in flight, or SETTLE_S."""
+        with trio.move_on_after(SETTLE_S):
+            while not self.inflight.settled:
+                await self._inflight_changed.wait()
 
     async def _act(self, event: Mapping[str, object], frame: str, reconnected: bool) -> bool:
         """Act on a session event; False for the events a resumed client must not see."""

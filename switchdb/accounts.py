@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from common.errors import ErrorCode, SwitchError
 from switchdb.db import Connection, is_unique_violation, utc_now
@@ -200,9 +202,33 @@ def find_usable_key(conn: Connection, plaintext: str, now: str) -> tuple[Account
         " a.status, a.created_at FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
         (key_hash,),
     ).fetchall()
-    if not row:
+    return _usable(row[0] if row else None, now), key_hash
+
+
+# The key, its account and the session's stored rows in one statement (one round trip to
+# PostgreSQL): one row per stored row of the session, or one with NULLs when there is none.
+_KEY_AND_SESSION = (
+    "SELECT k.expires_at, k.revoked_at, a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining,"
+    " a.status, a.created_at, s.type, s.data FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+    " LEFT JOIN sessions s ON s.account_id = a.id AND s.session_id = ? WHERE k.key_hash = ?"
+)
+
+
+def find_usable_key_and_session(
+    conn: Connection, plaintext: str, session_id: str, now: str
+) -> tuple[Account, str, dict[str, str]]:
+    """`find_usable_key` and the session's stored rows by type (`sessions.load`'s), in one statement."""
+    key_hash = hash_key(plaintext)
+    rows = conn.execute(_KEY_AND_SESSION, (session_id, key_hash)).fetchall()
+    account = _usable(rows[0][:9] if rows else None, now)
+    return account, key_hash, {row[9]: row[10] for row in rows if row[9] is not None}
+
+
+def _usable(row: Sequence[Any] | None, now: str) -> Account:
+    """The account of a key's (expires_at, revoked_at, account columns...) row; raises EXTERNAL_INVALID_AUTH."""
+    if row is None:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "unknown key")
-    expires_at, revoked_at, *account_row = row[0]
+    expires_at, revoked_at, *account_row = row
     if revoked_at is not None:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "revoked key")
     if expires_at is not None and expires_at <= now:
@@ -210,7 +236,7 @@ def find_usable_key(conn: Connection, plaintext: str, now: str) -> tuple[Account
     account = Account(*account_row)
     if account.status != ACTIVE:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "account is not active")
-    return account, key_hash
+    return account
 
 
 def mark_keys_used(conn: Connection, key_hashes: list[str], now: str) -> None:

@@ -220,6 +220,7 @@ COPIED_TABLES: dict[str, str] = {
     "api_keys": "key_hash, account_id, key_indicator, label, created_at, expires_at, last_used_at, revoked_at",
     "sessions": "account_id, session_id, type, data, created_at",
     "usage_metrics": "id, " + usage._COLUMNS,
+    "client_secrets": "secret_hash, account_id, key_hash, session_json, created_at, expires_at, revoked_at",
 }
 
 

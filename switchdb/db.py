@@ -271,6 +271,12 @@ def _create_summary_claims(conn: Connection) -> None:
     )
 
 
+def _create_client_secrets(conn: Connection) -> None:
+    from switchdb import secrets  # it builds on this module
+
+    secrets.create_table(conn)
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_create_accounts", _create_accounts),
     ("0002_create_api_keys", _create_api_keys),
@@ -278,6 +284,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0004_create_usage_metrics", _create_usage_metrics),
     ("0005_api_keys_revoked_at", _add_api_keys_revoked_at),
     ("0006_summary_claims", _create_summary_claims),
+    ("0007_client_secrets", _create_client_secrets),  # SQL both stores take
 ]
 
 

@@ -83,6 +83,8 @@ HWM = 100_000
 RETRY_QUEUE = 256
 RETRY_INTERVAL_S = 1.0
 RETRY_ATTEMPTS = 60
+# Keys remembered as marked used at the current second (see `_mark_keys_used`).
+MARKED_KEYS = 10_000
 # How long replies already sent may take to leave at shutdown.
 LINGER_MS = 2000
 _NO_REPLY_NAMES = frozenset(t.value.encode() for t in NO_REPLY)
@@ -465,7 +467,12 @@ def _replies(
 
 
 async def _mark_keys_used(db: Store, marks: trio.MemoryReceiveChannel[tuple[list[str], str]]) -> None:
-    """The last_used_at writes left by reads answered on the event loop, grouped, in the worker thread."""
+    """The last_used_at writes left by reads answered on the event loop, grouped, in the worker thread.
+
+    A key this daemon already marked at this second is not sent again: a busy key costs one
+    write a second, not one per request.
+    """
+    marked: dict[str, str] = {}
     async with marks:
         async for keys, now in marks:
             keys = list(keys)
@@ -475,10 +482,17 @@ async def _mark_keys_used(db: Store, marks: trio.MemoryReceiveChannel[tuple[list
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 keys += more
+            fresh = [key for key in dict.fromkeys(keys) if marked.get(key) != now]
+            if not fresh:
+                continue
             try:
-                await db.run(service.mark_keys_used, list(dict.fromkeys(keys)), now)
+                await db.run(service.mark_keys_used, fresh, now)
             except Exception:
-                log.exception("could not mark %d keys used", len(keys))
+                log.exception("could not mark %d keys used", len(fresh))
+                continue
+            if len(marked) > MARKED_KEYS:
+                marked.clear()
+            marked.update(dict.fromkeys(fresh, now))
 
 
 def _only_reads(works: list[Request | UsageRow]) -> bool:

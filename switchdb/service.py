@@ -52,8 +52,8 @@ def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -
     if api_key.startswith(secrets.SECRET_PREFIX):
         account, key_hash, restore = secrets.load(conn, api_key, session_id, now)
     else:
-        account, key_hash = accounts.find_usable_key(conn, api_key, now)
-        stored, conversation = sessions.load(conn, account.id, session_id)
+        account, key_hash, found = accounts.find_usable_key_and_session(conn, api_key, session_id, now)
+        stored, conversation = found.get(sessions.SESSION), found.get(sessions.CONV)
         restore = sessions.restored_session(stored, conversation)
     fields = (account.id, str(account.credits), restore)
     if account.credits <= 0:

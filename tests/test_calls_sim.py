@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
 from switchd.sim import SimOptions, serve
 from switchd.sim import events as ev
@@ -120,10 +120,11 @@ async def test_refusals() -> None:
         assert status == 400 and "cannot be answered" in json.loads(body)["error"]["message"]
         assert (await post(port, "/v1/realtime/calls/rtc_nothing/hangup"))[0] == 404
         for key in (KEY, "ek_123"):  # no such call; and a client secret never opens a sideband
-            with pytest.raises(HandshakeError) as info:
+            with pytest.raises(ConnectionRejected) as info:
                 async with sideband(port, "rtc_nothing", key):
                     pass
-            assert getattr(info.value, "status_code", 404) == 404
+            assert info.value.status_code == 404
+            assert json.loads(info.value.body or b"")["error"]["code"] == "call_id_not_found"
 
 
 @pytest.mark.parametrize("model, usage_type", [("gpt-4o-mini-transcribe", "tokens"), ("whisper-1", "duration")])

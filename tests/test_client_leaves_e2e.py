@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import struct
 from urllib.parse import urlsplit
@@ -151,3 +152,28 @@ async def test_client_leaving_with_nothing_in_flight_ends_at_once(stack: Stack, 
         with trio.fail_after(5), pytest.raises(ConnectionClosed):
             while True:  # the switch closes the upstream: the provider reads the end
                 await up.ws.get_message()
+
+
+async def test_shutdown_lets_the_response_under_way_finish_and_bills_it(
+    stack: Stack, provider: ScriptedProvider
+) -> None:
+    account_id, key = await stack.account(tokens=100_000)
+    async with stack.switchd(provider.url) as sw:
+        stream, rest = await open_raw(client_url(sw, key, "shutdown-mid-response"))
+        up = await provider.next()
+        await up.send_json({"type": "response.created", "response": {"id": "resp_1", "usage": None}})
+        await up.send_json(AUDIO_DELTA)
+        with trio.fail_after(10):
+            rest = await receive_until(stream, rest, b"response.output_audio.delta", 1)
+        sw.terminate(signal.SIGTERM)
+        log = stack.tmp / "switchd.log"
+        with trio.fail_after(10):
+            while "shutting down" not in log.read_text():
+                await trio.lowlevel.checkpoint()
+        await up.send_json(response_done(50, 70))  # the provider finishes what it was producing
+        with trio.fail_after(10):
+            rest = await receive_until(stream, rest, b"response.done", 1)  # the client gets it, then 1001
+            rest = await receive_until(stream, rest, (1001).to_bytes(2, "big"), 1)
+        with trio.fail_after(15):
+            assert await sw.proc.wait() == 0
+    assert await stack.credits(account_id) == 100_000 - 120

@@ -49,7 +49,8 @@ def test_body_length_and_bearer() -> None:
     refused(ErrorCode.EXTERNAL_BAD_PARAMS, api.body_length, [(b"transfer-encoding", b"chunked")])
     refused(ErrorCode.EXTERNAL_BAD_PARAMS, api.body_length, [(b"content-length", b"1"), (b"content-length", b"2")])
     refused(ErrorCode.EXTERNAL_BAD_PARAMS, api.body_length, [(b"content-length", b"-1")])
-    refused(ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, api.body_length, [(b"content-length", str(api.MAX_BODY + 1).encode())])
+    too_long = [(b"content-length", str(api.MAX_BODY + 1).encode())]
+    refused(ErrorCode.EXTERNAL_PAYLOAD_TOO_LARGE, api.body_length, too_long)
     assert api.bearer_key([(b"authorization", b"Bearer ek_abc")]) == "ek_abc"
     refused(ErrorCode.EXTERNAL_INVALID_AUTH, api.bearer_key, [])
     refused(ErrorCode.EXTERNAL_INVALID_AUTH, api.bearer_key, [(b"authorization", b"Basic abc")])
@@ -134,14 +135,17 @@ def _only_clean_refusals(fn, *args) -> None:
         assert error["code"] == exc.code.value and error["type"] == "invalid_request_error" and error["message"]
 
 
-_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                            lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-                            max_leaves=12)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12)
 _near_secret = st.fixed_dictionaries({}, optional={
-    "expires_after": st.fixed_dictionaries({}, optional={"anchor": st.sampled_from(["created_at", "x"]) | _json_values,
-                                                          "seconds": st.integers(-5, 8000) | _json_values}) | _json_values,
-    "session": st.fixed_dictionaries({}, optional={"type": st.sampled_from(["realtime", "transcription"]) | _json_values,
-                                                    "model": _json_values, "audio": _json_values,
+    "expires_after": st.fixed_dictionaries({}, optional={
+        "anchor": st.sampled_from(["created_at", "x"]) | _json_values,
+        "seconds": st.integers(-5, 8000) | _json_values}) | _json_values,
+    "session": st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from(["realtime", "transcription"]) | _json_values,
+        "model": _json_values, "audio": _json_values,
                                                     "max_output_tokens": _json_values}) | _json_values,
 })
 
@@ -155,7 +159,8 @@ def test_secret_bodies_never_raise_but_400(body: bytes) -> None:
 
 _parts = st.lists(st.tuples(st.sampled_from(["sdp", "session", "x", ""]),
                             st.sampled_from(["application/sdp", "application/json", "text/plain"]),
-                            st.sampled_from([OFFER.encode(), b'{"type":"realtime"}', b"", b"--XyZ"]) | st.binary(max_size=40)),
+                            st.sampled_from([OFFER.encode(), b'{"type":"realtime"}', b"", b"--XyZ"])
+                            | st.binary(max_size=40)),
                   max_size=4)
 
 

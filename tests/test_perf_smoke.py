@@ -138,6 +138,12 @@ def test_results_markdown_is_rendered_from_the_json(results: Path) -> None:
     for row in summary["targets"]:
         assert row["target"] in markdown
     assert "### Upstream over TLS (wss://)" in markdown and "### Upstream over plain ws://" in markdown
+    # The command regenerates the very same page from the JSON alone.
+    again = results / "again.md"
+    done = subprocess.run([sys.executable, "-m", "perf.results", "--results-dir", str(results), "--out", str(again)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert again.read_text() == markdown
 
 
 def test_overload_storm_was_refused_and_counted(results: Path) -> None:

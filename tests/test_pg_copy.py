@@ -12,7 +12,7 @@ from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MessageType, Request
-from switchdb import accounts, sessions
+from switchdb import accounts, secrets, sessions
 from switchdb.db import format_time, migrate, open_database, transaction, utc_now
 from switchdb.service import handle_batch
 from tests.daemons import BIN, base_env, daemon
@@ -38,6 +38,7 @@ def build_sqlite(path: Path) -> dict[str, str]:
         expiring, _ = accounts.create_key(conn, alice.id, "expiring", soon)
         revoked, _ = accounts.create_key(conn, bob.id, "revoked")
         accounts.revoke_key(conn, accounts.hash_key(revoked))
+        secret = secrets.mint(conn, live, 600, "", utc_now())[0]
     usage = UsageTotals(input_tokens=100, output_tokens=20, input_audio=100, output_audio=20, reports=2).to_json()
     handle_batch(conn, [
         Request("1", MessageType.RECORD_USAGE, ("b1", alice.id, "s1", "openai", "gpt-realtime", usage)),
@@ -49,7 +50,8 @@ def build_sqlite(path: Path) -> dict[str, str]:
         Request("6", MessageType.APPEND_CONVERSATION, (bob.id, "other", "user:x\n")),
     ], utc_now())
     conn.close()
-    return {"alice": alice.id, "bob": bob.id, "live": live, "expiring": expiring, "revoked": revoked}
+    return {"alice": alice.id, "bob": bob.id, "live": live, "expiring": expiring, "revoked": revoked,
+            "secret": secret}
 
 
 async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
@@ -61,7 +63,7 @@ async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str
     done = cli(tmp_path, both, "copy", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["copied"] == {"accounts": 2, "api_keys": 3, "sessions": 3, "usage_metrics": 2}
+    assert report["copied"] == {"accounts": 2, "api_keys": 3, "sessions": 3, "usage_metrics": 2, "client_secrets": 1}
     text = cli(tmp_path, both, "copy")  # refused now: the target holds accounts
     assert text.returncode == 1 and text.stdout == ""
     assert text.stderr.count("\n") == 1 and "already holds 2 accounts" in text.stderr
@@ -82,6 +84,7 @@ async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str
         assert json.loads(update)["session"]["instructions"] == (
             "Be kind." + sessions.MARKER + "user:héllo\nagent:hi ✓\n")
         assert (await db.request(MessageType.VALIDATE_AND_LOAD, made["expiring"], "s1"))[0] == made["alice"]
+        assert (await db.request(MessageType.VALIDATE_AND_LOAD, made["secret"], "s1"))[0] == made["alice"]
         with pytest.raises(SwitchError) as err:
             await db.request(MessageType.VALIDATE_AND_LOAD, made["revoked"], "s1")
         assert err.value.code == ErrorCode.EXTERNAL_INVALID_AUTH

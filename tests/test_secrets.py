@@ -100,7 +100,8 @@ def test_enforced_updates_never_widen(session: object) -> None:
 def test_session_object_and_upstream_model() -> None:
     obj = sd.session_object(CONFIG, "gpt-realtime")
     assert obj["object"] == "realtime.session" and obj["id"].startswith("sess_")
-    assert obj["model"] == "gpt-realtime-2.1-mini" and obj["instructions"] == "You sell shoes." and obj["type"] == "realtime"
+    assert obj["model"] == "gpt-realtime-2.1-mini" and obj["instructions"] == "You sell shoes."
+    assert obj["type"] == "realtime"
     assert sd.session_object(None, "gpt-realtime")["model"] == "gpt-realtime"
     transcription = {"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}
     assert "model" not in sd.session_object(transcription, "gpt-realtime")
@@ -114,7 +115,7 @@ def test_session_object_and_upstream_model() -> None:
 def conn(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator[db.Connection]:  # noqa: F811
     c = open_conn(store_kind, tmp_path, store_url, "s.db")
     with transaction(c):
-        secrets.create_table(c)  # the lead registers it as migration 0007 in db.MIGRATIONS / pg.MIGRATIONS
+        secrets.create_table(c)  # migration 0007 made it already; running it again is harmless
     yield c
     c.close()
 
@@ -239,3 +240,29 @@ def test_service_messages(conn: db.Connection) -> None:
         conn.execute("UPDATE accounts SET token_remaining = 0 WHERE id = ?", (account.id,))
     assert one(MessageType.VALIDATE_AND_LOAD, value, "s1").status == ErrorCode.EXTERNAL_NO_CREDITS
     assert one(MessageType.MINT_SECRET, key, "600", "{}").status == ErrorCode.EXTERNAL_NO_CREDITS
+
+
+def _client_message(text: str):
+    from switchd.websocket import Connection, Message
+    from switchd.ws_codec import OP_TEXT, encode_frame
+
+    conn = Connection(server=True, max_message=1 << 20)
+    conn.receive_data(encode_frame(OP_TEXT, text.encode(), mask=True))
+    (message,) = [e for e in conn.events() if isinstance(e, Message)]
+    return message
+
+
+def test_locked_frame_rewrites_only_what_a_lock_forbids() -> None:
+    event = update(model="gpt-realtime", instructions="You sell shoes.")
+    frame, changed = sd.locked_frame(_client_message(json.dumps(event)), LOCKS)  # type: ignore[misc]
+    assert changed == ("session.model",)
+    forwarded = _client_message(json.dumps(event))  # what the provider unmasks from `frame`
+    from switchd.websocket import Connection, Message
+    conn = Connection(server=True, max_message=1 << 20)
+    conn.receive_data(frame)
+    (relayed,) = [e for e in conn.events() if isinstance(e, Message)]
+    assert json.loads(relayed.payload) == {**event, "session": {"type": "realtime", "instructions": "You sell shoes."}}
+    assert forwarded.payload != relayed.payload
+    for untouched in (json.dumps(update(instructions="You sell shoes.")), '{"type":"input_audio_buffer.append",'
+                      '"audio":"session.update"}', '{"type":"response.create"}', "not json session.update"):
+        assert sd.locked_frame(_client_message(untouched), LOCKS) is None

@@ -28,7 +28,6 @@ class Browser:
                 raise EOFError("the browser process ended")
             self._buffer += data
         line, _, self._buffer = self._buffer.partition(b"\n")
-        print("BROWSER", trio.current_time(), line[:100])
         return json.loads(line)
 
     async def until(self, op: str, event_type: str | None = None) -> dict[str, Any]:
@@ -57,3 +56,21 @@ async def browser(url: str, key: str, session: dict[str, Any] | None = None) -> 
             yield Browser(process)
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def post(address: str, path: str, body: bytes = b"", key: str | None = None,
+               content_type: str = "application/json") -> tuple[int, dict[bytes, bytes], bytes]:
+    """POST over a fresh connection to `address` (`ws://host:port` or `host:port`): (status, headers, body)."""
+    host, port = address.split("://", 1)[-1].rsplit(":", 1)
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all((f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: {content_type}\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    return int(lines[0].split(b" ")[1]), headers, payload

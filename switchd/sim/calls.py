@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from common.errors import SwitchError
+from common.errors import ErrorCode, SwitchError
 from switchd import http_api
 from switchd.sim import events as ev
 from switchd.sim.session import ResponseJob, Session
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT_S = 15.0
 HEAD_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0
 INBOX = 1024
 AUDIO_DELTA = "response.output_audio.delta"
 
@@ -51,7 +52,7 @@ class _Replay(trio.abc.Stream):
         if self.data:
             data, self.data = self.data, b""
             return data
-        return await self.stream.receive_some(max_bytes)
+        return bytes(await self.stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -130,7 +131,7 @@ class RtcPeer:
         finally:
             self.answers.pop(call_id, None)
         if reply["op"] == "error":
-            raise SwitchError(http_api.ErrorCode.EXTERNAL_BAD_PARAMS, f"the SDP offer cannot be answered: {reply['message']}")
+            raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"the SDP offer cannot be answered: {reply['message']}")
         return str(reply["sdp"])
 
 
@@ -256,7 +257,7 @@ class Calls:
         session: Session
         if config.get("type") == "transcription":
             session = TranscriptionSession(now=now, max_session_seconds=self.max_seconds)
-            session.configure(config)  # type: ignore[attr-defined]
+            session.configure(config)
         else:
             session = Session(str(config.pop("model", ev.DEFAULT_MODEL)), now=now, max_session_seconds=self.max_seconds)
             update = ev.validate_session_update(config, session.config, audio_emitted=False)
@@ -271,7 +272,8 @@ class Calls:
 
 
 def sideband_call(target: str) -> str | None:
-    return (parse_qs(urlsplit(target).query).get("call_id") or [None])[0]
+    values = parse_qs(urlsplit(target).query).get("call_id")
+    return values[0] if values else None
 
 
 def _error(status: int, code: str, message: str) -> bytes:
@@ -286,7 +288,8 @@ async def _answer_http(calls: Calls, stream: trio.abc.Stream, head: Any, rest: b
             return _error(404, "not_found", "Unknown path.")
         if target.route is http_api.Route.PREFLIGHT:
             return http_api.preflight_response()
-        key = http_api.bearer_key(head.headers)
+        # Like its WebSocket handshake, the simulator takes a request without a key.
+        key = ev.api_key({"authorization": (head.get(b"authorization") or b"").decode("latin-1")}, ()) or ""
         if key.startswith("sk-invalid"):
             return _error(401, "invalid_api_key", "Incorrect API key provided.")
         length = http_api.body_length(head.headers)
@@ -327,7 +330,12 @@ async def _connection(
             raw = bytes(_head_bytes(head)) + bytes(rest)
             async with trio.open_nursery() as nursery:
                 request = await wrap_server_stream(nursery, _Replay(stream, raw), max_message_size=max_message_size)
-                await handler(request)
+                try:
+                    await handler(request)
+                finally:
+                    # As serve_websocket does: closing also ends the connection's reader task.
+                    with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await request._connection.aclose()
             return
         response = await _answer_http(calls, stream, head, rest)
         await stream.send_all(response)
