@@ -10,12 +10,14 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_UPSTREAM = 1011
+CLOSE_REVOKED = 4401  # the key was revoked or expired, or the account suspended, mid-session
 CLOSE_NO_CREDITS = 4402
 CLOSE_IDLE = 4408
 
 # The close code that ends a session for each fatal error; codes not here end it with 1011.
 CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.EXTERNAL_NO_CREDITS: CLOSE_NO_CREDITS,
+    ErrorCode.EXTERNAL_INVALID_AUTH: CLOSE_REVOKED,
     ErrorCode.EXTERNAL_IDLE_TIMEOUT: CLOSE_IDLE,
     ErrorCode.EXTERNAL_BUFFER_OVERFLOW: CLOSE_POLICY,
     ErrorCode.INTERNAL_SHUTTING_DOWN: CLOSE_GOING_AWAY,
@@ -23,7 +25,10 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL_UPSTREAM_REJECTED: CLOSE_UPSTREAM,
 }
 
-_ERROR_TYPES = {ErrorCode.EXTERNAL_NO_CREDITS: "insufficient_credits"}
+_ERROR_TYPES = {
+    ErrorCode.EXTERNAL_NO_CREDITS: "insufficient_credits",
+    ErrorCode.EXTERNAL_INVALID_AUTH: "authentication_error",
+}
 
 
 def error_event(code: ErrorCode, message: str) -> str:

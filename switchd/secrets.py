@@ -16,6 +16,7 @@ secret's value; everything else passes untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets as _random
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from switchd.handshake import ClientParams
 from switchd.metering import CLIENT_AUDIO_PREFIX
 from switchd.websocket import Message
 from switchd.ws_codec import OP_TEXT, encode_frame
@@ -149,6 +151,16 @@ def upstream_model(config: Mapping[str, Any]) -> str | None:
     """The `model` for the provider's URL: the secret's, for a realtime session; None for transcription."""
     model = config.get("model")
     return model if config.get("type", "realtime") == "realtime" and isinstance(model, str) else None
+
+
+def secret_params(params: ClientParams, config_json: str, default_model: str) -> tuple[ClientParams, Locks]:
+    """A secret's WebSocket session: the model in the provider's URL is the one the secret fixed
+    (the switch's default when it fixed none, as its mint answer said), whatever `?model=` asks;
+    and the locks for the client's session.update frames."""
+    config = json.loads(config_json) if config_json else {}
+    config = config if isinstance(config, dict) else {}
+    model = upstream_model(config) or (default_model if config.get("type", "realtime") == "realtime" else None)
+    return dataclasses.replace(params, model=model), Locks.from_config({"model": model, **config})
 
 
 def session_object(config: Mapping[str, Any] | None, default_model: str) -> dict[str, Any]:

@@ -50,6 +50,8 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 CLEANUP_S = 3.0
 # How long a session whose client left keeps reading the provider for the usage still owed.
 SETTLE_S = 10.0
+# How often an open session asks switchdb whether its key and account are still good.
+ACCOUNT_CHECK_S = 5.0
 
 
 @attrs.frozen
@@ -102,6 +104,7 @@ class Session:
                 nursery.start_soon(run_batcher, self.ledger, self.switch.db)
                 nursery.start_soon(self._watch_shutdown)
                 nursery.start_soon(self._watch_idle)
+                nursery.start_soon(self._watch_account)
         except* SwitchError as group:
             exc = _first(group)
             code = CLOSE_CODES.get(exc.code, CLOSE_UPSTREAM)
@@ -152,6 +155,20 @@ class Session:
         while (deadline := self.client.last_data_at + idle) > trio.current_time():  # noqa: ASYNC110
             await trio.sleep_until(deadline)
         raise SwitchError(ErrorCode.EXTERNAL_IDLE_TIMEOUT, f"no client frame for {idle:g} s")
+
+    async def _watch_account(self) -> None:
+        """End the session when its key is revoked or expires, or its account is suspended."""
+        while True:
+            await trio.sleep(ACCOUNT_CHECK_S)
+            try:
+                await self.switch.db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
+            except SwitchError as exc:
+                if exc.code == ErrorCode.EXTERNAL_INVALID_AUTH:
+                    await self._settled()  # what the provider is producing now is still billed
+                    raise SwitchError(
+                        ErrorCode.EXTERNAL_INVALID_AUTH, "The key was revoked or has expired, or the account is suspended."
+                    ) from None
+                # A dry account is the ledger's to cut after the response; an outage is not the key's fault.
 
     async def _read_client(self) -> None:
         client, metrics = self.client, self.switch.metrics

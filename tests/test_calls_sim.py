@@ -70,6 +70,10 @@ async def test_a_call_connects_its_data_channel_and_sideband_carry_the_session()
             await peer.until("open")
             created = (await peer.until("event", "session.created"))["event"]
             assert created["session"]["model"] == ev.DEFAULT_MODEL
+            with pytest.raises(ConnectionRejected) as refused:  # never with a client secret
+                async with sideband(port, call_id, "ek_abc"):
+                    pass
+            assert refused.value.status_code == 404
             async with sideband(port, call_id) as side:
                 # A client event on the data channel; its response on both, usage included.
                 await peer.send({"type": "response.create", "response": {"output_modalities": ["text"]}})

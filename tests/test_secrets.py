@@ -266,3 +266,15 @@ def test_locked_frame_rewrites_only_what_a_lock_forbids() -> None:
     for untouched in (json.dumps(update(instructions="You sell shoes.")), '{"type":"input_audio_buffer.append",'
                       '"audio":"session.update"}', '{"type":"response.create"}', "not json session.update"):
         assert sd.locked_frame(_client_message(untouched), LOCKS) is None
+
+
+def test_secret_params_fix_the_url_model() -> None:
+    from switchd.handshake import ClientParams
+
+    params = ClientParams("ek_x", "s1", "OPENAI", "gpt-realtime", "realtime")
+    fixed, locks = sd.secret_params(params, json.dumps(CONFIG), "gpt-realtime")
+    assert fixed.model == "gpt-realtime-2.1-mini" and fixed.session_id == "s1" and locks == LOCKS
+    asking = ClientParams("ek_x", "s1", "OPENAI", "gpt-realtime-2", None)
+    fixed, locks = sd.secret_params(asking, "{}", "gpt-realtime")
+    assert fixed.model == "gpt-realtime" and locks.model == "gpt-realtime"  # no widening by ?model=
+    assert sd.enforce(update(model="gpt-realtime-2"), locks)[1] == ("session.model",)

@@ -336,3 +336,20 @@ async def test_untrusted_provider_certificate_is_a_clear_1011_never_a_hang(stack
         assert closed.value.reason.code == 1011
     log = (stack.tmp / "switchd.log").read_text()
     assert "certificate verify failed" in log and "reconnect" not in log  # named, and not retried
+
+
+async def test_revoking_the_key_ends_the_open_session_with_4401(stack: Stack, provider: ScriptedProvider) -> None:
+    account_id, _ = await stack.account()
+    created = await stack.cli("key", "create", "--account", account_id, "--label", "leaky")
+    async with stack.switchd(provider.url) as sw:
+        async with open_websocket_url(client_url(sw, created["key"], "revoked-mid-session")) as ws:
+            up = await provider.next()
+            await up.send_json(session_created())
+            with trio.fail_after(10):
+                await ws.get_message()
+            await stack.cli("key", "revoke", created["key_hash"])
+            with trio.fail_after(15), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    event = json.loads(await ws.get_message())
+            assert event["error"]["code"] == "EXTERNAL_INVALID_AUTH"
+            assert closed.value.reason.code == 4401
