@@ -217,6 +217,14 @@ TARGETS: list[Target] = [
            lambda r: (r["record_usage_per_s_max"], f"{fmt(r['record_usage_per_s_max'])}/s"), lambda v: v >= 20_000),
     Target("switchdb event-loop stall while writing 10,000 batches/s (client-observed PING p99.9)", "≤ 5 ms",
            "switchdb", _switchdb_stall, lambda v: v <= 5),
+    Target("switchdb on PostgreSQL: VALIDATE_AND_LOAD p99", "≤ 5 ms", "switchdb",
+           lambda r: (r["postgres"]["validate_and_load_ms"]["p99"],
+                      f"{fmt(r['postgres']['validate_and_load_ms']['p99'], 3)} ms"),
+           lambda v: v <= 5),
+    Target("switchdb on PostgreSQL: RECORD_USAGE batches/s with 2 replicas", "≥ 5,000/s", "switchdb",
+           lambda r: (r["postgres"]["record_usage_2_replicas"]["per_s"],
+                      f"{fmt(r['postgres']['record_usage_2_replicas']['per_s'])}/s"),
+           lambda v: v >= 5_000),
 ]
 
 

@@ -347,8 +347,11 @@ class CallSession:
                 nursery.start_soon(run_batcher, self.ledger, self.switch.db)
                 nursery.start_soon(self._watch, nursery.cancel_scope)
         except* SwitchError as group:
-            exc = group.exceptions[0]
-            assert isinstance(exc, SwitchError)
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, SwitchError)
+            exc = leaf
             self.reason = exc.code.value
             hang_up_now = True
             if exc.code == ErrorCode.EXTERNAL_NO_CREDITS:
@@ -359,9 +362,9 @@ class CallSession:
         finally:
             self.ended.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S + HANGUP_TIMEOUT_S):
+                await self._cleanup()  # first: the usage hand-off never blocks
                 if hang_up_now or self.reason in ("shutdown", "idle"):
                     await hang_up(self.switch, self.call_id)
-                await self._cleanup()
             self.switch.metrics.sessions_open -= 1
             CALLS.pop(self.call_id, None)
             log.info("call %s ended (%s) after %.1f s", self.call_id, self.reason or "provider",

@@ -16,7 +16,6 @@ secret's value; everything else passes untouched.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets as _random
 import time
@@ -160,7 +159,7 @@ def secret_params(params: ClientParams, config_json: str, default_model: str) ->
     config = json.loads(config_json) if config_json else {}
     config = config if isinstance(config, dict) else {}
     model = upstream_model(config) or (default_model if config.get("type", "realtime") == "realtime" else None)
-    return dataclasses.replace(params, model=model), Locks.from_config({"model": model, **config})
+    return attrs.evolve(params, model=model), Locks.from_config({"model": model, **config})
 
 
 def session_object(config: Mapping[str, Any] | None, default_model: str) -> dict[str, Any]:

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from common.emails import check_email, email_key
 from common.errors import ErrorCode, SwitchError
+from common.limits import check_amount
+from switchdb import ledger
 from switchdb.db import Connection, is_unique_violation, utc_now
 
 KEY_PREFIX = "rsk_"
@@ -31,13 +34,19 @@ class Account:
     topup_remaining: int
     status: str
     created_at: str
+    unit: str = ledger.TOKENS  # what the balance counts: tokens, or nano-USD for "usd"
+    markup: int = ledger.DEFAULT_MARKUP  # ten-thousandths: the operator's price over the list price
 
     @property
     def credits(self) -> int:
+        """The balance, in the account's unit (nano-USD for a USD account)."""
         return self.token_remaining + self.topup_remaining
 
     def as_json(self) -> dict[str, object]:
-        return {**asdict(self), "credits": self.credits}
+        data: dict[str, object] = {**asdict(self), "credits": self.credits, "markup": ledger.format_markup(self.markup)}
+        if self.unit == ledger.USD:
+            data["balance_usd"] = ledger.format_amount(self.unit, self.credits)
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +67,7 @@ class ApiKey:
         return asdict(self)
 
 
-_ACCOUNT_COLUMNS = "id, email, plan_name, token_remaining, topup_remaining, status, created_at"
+_ACCOUNT_COLUMNS = "id, email, plan_name, token_remaining, topup_remaining, status, created_at, unit, markup"
 _KEY_COLUMNS = "key_hash, account_id, key_indicator, label, created_at, expires_at, last_used_at, revoked_at"
 
 
@@ -71,38 +80,51 @@ def key_indicator(plaintext: str) -> str:
 
 
 def create_account(
-    conn: Connection, email: str, plan: str = "Free", tokens: int | None = None, topup: int = 0
+    conn: Connection, email: str, plan: str = "Free", tokens: int | None = None, topup: int = 0,
+    *, usd: int | None = None, markup: int = ledger.DEFAULT_MARKUP,
 ) -> Account:
+    """A token account (plan allowance or `tokens`, plus `topup`), or with `usd` (nano-USD) a USD
+    account; its opening balance is its first credit entry."""
     if plan not in PLAN_ALLOWANCES:
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"unknown plan {plan!r} (Free, Pro or Enterprise)")
-    if "@" not in email or email != email.strip():
-        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"not an email address: {email!r}")
-    if (tokens is not None and tokens < 0) or topup < 0:
-        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "token counts must not be negative")
+    check_email(email)
+    check_amount("markup", markup)
+    if usd is not None:
+        if tokens is not None or topup:
+            raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a USD account takes --usd, not --tokens or --topup")
+        unit, plan_part, topup = ledger.USD, check_amount("balance_usd", usd), 0
+    else:
+        unit = ledger.TOKENS
+        plan_part = PLAN_ALLOWANCES[plan] if tokens is None else check_amount("balance_tokens", tokens)
+        check_amount("balance_tokens", topup)
+        check_amount("balance_tokens", plan_part + topup)
     now = utc_now()
     account = Account(
         id=ACCOUNT_PREFIX + secrets.token_hex(8),
         email=email,
         plan_name=plan,
-        token_remaining=PLAN_ALLOWANCES[plan] if tokens is None else tokens,
+        token_remaining=plan_part,
         topup_remaining=topup,
         status=ACTIVE,
         created_at=now,
+        unit=unit,
+        markup=markup,
     )
     try:
         conn.execute(
-            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (*_account_row(account), now),
+            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, email_key, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*_account_row(account), email_key(email), now),
         )
     except Exception as exc:
         if is_unique_violation(exc, "email"):
             raise SwitchError(ErrorCode.EXTERNAL_CONFLICT, f"an account with email {email} already exists") from None
         raise
+    ledger.add_entry(conn, account.id, "create", account.credits, "account created", now)
     return account
 
 
 def _account_row(a: Account) -> tuple[object, ...]:
-    return (a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining, a.status, a.created_at)
+    return (a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining, a.status, a.created_at, a.unit, a.markup)
 
 
 def get_account(conn: Connection, account_id: str) -> Account | None:
@@ -113,8 +135,8 @@ def get_account(conn: Connection, account_id: str) -> Account | None:
 def find_account(conn: Connection, id_or_email: str) -> Account:
     """An account by id or email; raises EXTERNAL_NOT_FOUND."""
     row = conn.execute(
-        # lower(): the email is unique without regard to (ASCII) case, on both stores.
-        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? OR lower(email) = lower(?)", (id_or_email, id_or_email)
+        # email_key: the email is unique without regard to case (any script), on both stores.
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? OR email_key = ?", (id_or_email, email_key(id_or_email))
     ).fetchone()
     if row is None:
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {id_or_email}")
@@ -128,15 +150,11 @@ def require_account(conn: Connection, account_id: str) -> Account:
     return account
 
 
-def top_up(conn: Connection, account_id: str, tokens: int) -> Account:
-    if tokens <= 0:
-        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a top-up must be a positive number of tokens")
-    changed = conn.execute(
-        "UPDATE accounts SET topup_remaining = topup_remaining + ?, updated_at = ? WHERE id = ?",
-        (tokens, utc_now(), account_id),
-    ).rowcount
-    if not changed:
-        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}")
+def top_up(conn: Connection, account_id: str, tokens: int, unit: str = ledger.TOKENS) -> Account:
+    """Add `tokens` (nano-USD when `unit` is usd: it must be the account's unit) to the top-up part."""
+    if type(tokens) is not int or tokens <= 0:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a top-up must be a positive amount")
+    ledger.credit(conn, account_id, unit, tokens, "topup", "top-up")
     return require_account(conn, account_id)
 
 
@@ -175,13 +193,16 @@ def list_keys(conn: Connection, account_id: str) -> list[ApiKey]:
 
 
 def revoke_key(conn: Connection, hash_or_indicator: str) -> ApiKey:
-    """Revoke one key named by its hash or its indicator; an indicator shared by several keys is refused."""
+    """Revoke one key named by its hash, its indicator or its plaintext (a leaked key); an indicator
+    shared by several keys is refused."""
+    if hash_or_indicator.startswith(KEY_PREFIX) and "..." not in hash_or_indicator:
+        hash_or_indicator = hash_key(hash_or_indicator)
     rows = conn.execute(
         f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? OR key_indicator = ?",
         (hash_or_indicator.lower() if len(hash_or_indicator) == 64 else hash_or_indicator, hash_or_indicator),
     ).fetchall()
     if not rows:
-        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no key {hash_or_indicator}")
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no key {hash_or_indicator}")  # a hash, never a plaintext
     if len(rows) > 1:
         raise SwitchError(
             ErrorCode.EXTERNAL_CONFLICT,
@@ -199,7 +220,8 @@ def find_usable_key(conn: Connection, plaintext: str, now: str) -> tuple[Account
     key_hash = hash_key(plaintext)
     row = conn.execute(
         "SELECT k.expires_at, k.revoked_at, a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining,"
-        " a.status, a.created_at FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+        " a.status, a.created_at, a.unit, a.markup FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+        " WHERE k.key_hash = ?",
         (key_hash,),
     ).fetchall()
     return _usable(row[0] if row else None, now), key_hash
@@ -209,7 +231,7 @@ def find_usable_key(conn: Connection, plaintext: str, now: str) -> tuple[Account
 # PostgreSQL): one row per stored row of the session, or one with NULLs when there is none.
 _KEY_AND_SESSION = (
     "SELECT k.expires_at, k.revoked_at, a.id, a.email, a.plan_name, a.token_remaining, a.topup_remaining,"
-    " a.status, a.created_at, s.type, s.data FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+    " a.status, a.created_at, s.type, s.data, a.unit, a.markup FROM api_keys k JOIN accounts a ON a.id = k.account_id"
     " LEFT JOIN sessions s ON s.account_id = a.id AND s.session_id = ? WHERE k.key_hash = ?"
 )
 
@@ -220,7 +242,7 @@ def find_usable_key_and_session(
     """`find_usable_key` and the session's stored rows by type (`sessions.load`'s), in one statement."""
     key_hash = hash_key(plaintext)
     rows = conn.execute(_KEY_AND_SESSION, (session_id, key_hash)).fetchall()
-    account = _usable(rows[0][:9] if rows else None, now)
+    account = _usable((*rows[0][:9], *rows[0][11:13]) if rows else None, now)
     return account, key_hash, {row[9]: row[10] for row in rows if row[9] is not None}
 
 

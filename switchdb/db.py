@@ -277,6 +277,17 @@ def _create_client_secrets(conn: Connection) -> None:
     secrets.create_table(conn)
 
 
+def _ledger(module: str, function: str) -> Callable[[Connection], None]:
+    """A migration step of switchdb.prices or switchdb.ledger (they build on this module)."""
+
+    def step(conn: Connection) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"switchdb.{module}"), function)(conn)
+
+    return step
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_create_accounts", _create_accounts),
     ("0002_create_api_keys", _create_api_keys),
@@ -285,6 +296,11 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0005_api_keys_revoked_at", _add_api_keys_revoked_at),
     ("0006_summary_claims", _create_summary_claims),
     ("0007_client_secrets", _create_client_secrets),  # SQL both stores take
+    # The ledger (issue 16): each step takes both stores itself.
+    ("0008_ledger_prices", _ledger("prices", "create_tables")),
+    ("0009_ledger_accounts", _ledger("ledger", "migrate_accounts")),
+    ("0010_ledger_usage_cost", _ledger("ledger", "migrate_usage_cost")),
+    ("0011_ledger_credit_entries", _ledger("ledger", "create_entries")),
 ]
 
 

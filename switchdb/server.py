@@ -446,8 +446,9 @@ def _replies(
         if type(outcome) is int:  # a usage batch recorded: the balance after it
             replies.append([identity, request_id, _OK, b"%d" % outcome])
             continue
-        if type(request) is not Request:  # a usage batch refused
-            log.debug("%s refused: %s", MessageType.RECORD_USAGE, outcome.message, extra={"code": outcome.status})
+        if type(request) is not Request:  # a usage batch refused, or recorded for a USD account
+            if outcome.status != OK:
+                log.debug("%s refused: %s", MessageType.RECORD_USAGE, outcome.message, extra={"code": outcome.status})
             replies.append([identity, *encode_reply(request_id, outcome.status, *outcome.fields)])
         elif request.type not in NO_REPLY:
             status, fields = outcome.status, outcome.fields

@@ -19,7 +19,7 @@ import trio
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MAX_MESSAGE_BYTES, OK, MessageType, Request, decode_request
-from switchdb import accounts, secrets, sessions, summarise, usage
+from switchdb import accounts, ledger, prices, secrets, sessions, summarise, usage
 from switchdb.db import Connection, format_time, is_postgres, is_transient, savepoint, transaction
 from switchdb.worker import Store
 
@@ -45,17 +45,29 @@ class Outcome(NamedTuple):
 _NO_OUTCOME = Outcome(ErrorCode.INTERNAL_ERROR, message="not handled")
 
 
+def attrs_of(account: accounts.Account) -> tuple[object, ...]:
+    return (account.id, account.email, account.plan_name, account.token_remaining, account.topup_remaining,
+            account.status, account.created_at, account.unit, account.markup)
+
+
 def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -> tuple[Outcome, str]:
     """VALIDATE_AND_LOAD without its one write: (outcome, hash of the key to mark used)."""
     if not SESSION_ID.fullmatch(session_id):
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "session id must be 1-128 characters of A-Za-z0-9._:-")
     if api_key.startswith(secrets.SECRET_PREFIX):
         account, key_hash, restore = secrets.load(conn, api_key, session_id, now)
+        row = conn.execute("SELECT unit, markup FROM accounts WHERE id = ?", (account.id,)).fetchone()
+        if row is not None and row[0] != account.unit:
+            account = accounts.Account(*attrs_of(account)[:7], str(row[0]), int(row[1]))
     else:
         account, key_hash, found = accounts.find_usable_key_and_session(conn, api_key, session_id, now)
         stored, conversation = found.get(sessions.SESSION), found.get(sessions.CONV)
         restore = sessions.restored_session(stored, conversation)
-    fields = (account.id, str(account.credits), restore)
+    fields: tuple[str, ...] = (account.id, str(account.credits), restore)
+    if account.unit == ledger.USD:
+        # A USD account's balance is nano-USD; switchd prices its reports by this book and markup
+        # (a token account's reply keeps today's three fields).
+        fields += (ledger.USD, str(account.markup), prices.book_json(prices.load_book(conn)))
     if account.credits <= 0:
         return Outcome(ErrorCode.EXTERNAL_NO_CREDITS, fields, "no credits left"), key_hash
     return Outcome(OK, fields), key_hash
@@ -170,7 +182,7 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
             (result,) = usage.record_rows(conn, [read_usage(request)], now)
             if isinstance(result, SwitchError):
                 raise result
-            return Outcome(OK, (str(result),))
+            return _usage_result(result)  # type: ignore[return-value]
         case MessageType.SAVE_SESSION:
             accounts.require_account(conn, args[0])
             sessions.save_session(conn, args[0], args[1], args[2], now)
@@ -207,10 +219,12 @@ def _handle_one(conn: Connection, request: Request, now: str) -> Outcome:
 Result = Outcome | int
 
 
-def _usage_result(recorded: int | SwitchError) -> Result:
+def _usage_result(recorded: int | SwitchError | usage.Charged) -> Result:
     if isinstance(recorded, SwitchError):
         return Outcome(recorded.code, message=recorded.message)
-    return recorded
+    if type(recorded) is usage.Charged:  # a USD account's: unit, markup and cost follow the balance
+        return Outcome(OK, recorded.fields())
+    return recorded  # type: ignore[return-value]
 
 
 def _record(conn: Connection, run: list[tuple[int, usage.Row]], results: list[Result], now: str) -> None:

@@ -12,11 +12,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.errors import ErrorCode, SwitchError
-from common.usage import UsageTotals
+from common.limits import MAX_REPORT_MS, MAX_REPORT_TOKENS
+from common.pricing import batch_cost, charge, log_fallbacks
+from common.usage import UsageTotals, duration_ms
+from switchdb import prices
 from switchdb.db import Connection, is_postgres
 
 # Approximate list prices in USD per 1M tokens (gpt-realtime, as published when this was
@@ -97,21 +99,26 @@ def get_credits(conn: Connection, account_id: str) -> int:
     return int(row[0])
 
 
-# One RECORD_USAGE as its usage_metrics row, without created_at (bound once per statement): the
-# columns of _COLUMNS in order. A plain tuple: the reader makes one per request, tens of thousands
-# a second, and the insert binds it as it is.
+# One RECORD_USAGE as its usage_metrics row, without created_at (bound once per statement) nor
+# its cost (priced in the transaction, by the book it reads): the columns of BASE_COLUMNS in
+# order, and only when the batch holds what those columns cannot (per-modality cached tokens,
+# transcription details and model) its UsageTotals after them. A plain tuple: the reader makes
+# one per request, tens of thousands a second.
 Row = tuple[str, str, str, str, str, int, int, int, int, int, int, int, int, int, float, int, int]
-BATCH_ID, ACCOUNT_ID, TOKENS = 0, 1, 16
+# A row whose batch holds more than its columns: the same, and the batch's UsageTotals last.
+DetailedRow = tuple[str, str, str, str, str, int, int, int, int, int, int, int, int, int, float, int, int, UsageTotals]
+BATCH_ID, ACCOUNT_ID, MODEL, TOKENS, EXTRA = 0, 1, 4, 16, 17
 
 # SQLite integers are 64-bit; a larger count could not be stored (nor deducted) exactly.
 MAX_COUNT = 2**63 - 1
 
-_COLUMNS = (
+BASE_COLUMNS = (
     "batch_id, account_id, session_id, provider, model, input_tokens, output_tokens, transcription_tokens,"
     " input_text, input_audio, input_image, input_cached, output_text, output_audio, transcription_seconds,"
-    " reports, total_tokens, created_at"
+    " reports, total_tokens"
 )
-_ROW_WIDTH = 17  # parameters per row; created_at is ?1, shared by every row of a statement
+_COLUMNS = BASE_COLUMNS + ", cost_nano, charged_nano, created_at"
+_ROW_WIDTH = 19  # parameters per row (the row's 17, cost, charged); created_at is ?1, shared by every row
 
 
 def _values(rows: int) -> str:
@@ -143,8 +150,9 @@ _DEDUCT = (
 # statement run is a GIL hand-off between the worker thread and the event loop) with one cached
 # prepared statement for any number of ids: JSON array parameters.
 _LOOKUP = (
-    "SELECT id, token_remaining + topup_remaining FROM accounts WHERE id IN (SELECT value FROM json_each(?1))"
-    " UNION ALL SELECT batch_id, NULL FROM usage_metrics WHERE batch_id IN (SELECT value FROM json_each(?2))"
+    "SELECT id, token_remaining + topup_remaining, markup, unit FROM accounts"
+    " WHERE id IN (SELECT value FROM json_each(?1)) UNION ALL"
+    " SELECT batch_id, NULL, NULL, NULL FROM usage_metrics WHERE batch_id IN (SELECT value FROM json_each(?2))"
 )
 
 
@@ -182,111 +190,249 @@ def canonical_row(
     inp, out, _, in_text, in_audio, in_image, in_cached, out_text, out_audio, transcription, reports = map(
         int, groups[:10] + groups[11:]
     )
+    _check_limits(max(inp, out, transcription, in_text, in_audio, in_image, in_cached, out_text, out_audio),
+                  reports, duration_ms(transcription_seconds))
     return (
         batch_id, account_id, session_id, provider, model, inp, out, transcription, in_text, in_audio, in_image,
         in_cached, out_text, out_audio, transcription_seconds, reports, inp + out + transcription,
     )
 
 
-def usage_row(batch_id: str, account_id: str, session_id: str, provider: str, model: str, t: UsageTotals) -> Row:
-    """The row a batch is stored as; raises INTERNAL_BAD_USAGE for a count SQLite cannot hold."""
-    tokens = t.input_tokens + t.output_tokens + t.transcription_tokens
-    # Counts are never negative, so their bitwise or is beyond 64 bits exactly when one is.
-    if (tokens | t.input_text | t.input_audio | t.input_image | t.input_cached | t.output_text | t.output_audio
-            | t.reports) > MAX_COUNT:
+def _check_limits(largest: int, reports: int, ms: int) -> None:
+    """Refuse (INTERNAL_BAD_USAGE: for good, never retried) a batch beyond the stated maxima of
+    common/limits.py: `largest` is its largest token count, `ms` its transcribed audio."""
+    if largest > MAX_REPORT_TOKENS:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"a usage count is above its maximum {MAX_REPORT_TOKENS}")
+    if reports > MAX_COUNT:
         raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, "usage count beyond 64 bits")
-    return (
+    if ms > MAX_REPORT_MS:
+        raise SwitchError(ErrorCode.INTERNAL_BAD_USAGE, f"transcribed audio is above its maximum {MAX_REPORT_MS} ms")
+
+
+def usage_row(batch_id: str, account_id: str, session_id: str, provider: str, model: str, t: UsageTotals) -> Row:
+    """The row a batch is stored as; raises INTERNAL_BAD_USAGE for a count beyond its maximum."""
+    tokens = t.input_tokens + t.output_tokens + t.transcription_tokens
+    _check_limits(
+        max(t.input_tokens, t.output_tokens, t.transcription_tokens, t.input_text, t.input_audio, t.input_image,
+            t.input_cached, t.output_text, t.output_audio, t.transcription_text, t.transcription_audio,
+            t.transcription_output),
+        t.reports, t.transcription_ms or duration_ms(t.transcription_seconds),
+    )
+    plain = not (t.input_cached_text or t.input_cached_audio or t.input_cached_image or t.transcription_text
+                 or t.transcription_audio or t.transcription_output or t.transcription_ms or t.transcription_model)
+    row = (
         batch_id, account_id, session_id, provider, model, t.input_tokens, t.output_tokens, t.transcription_tokens,
         t.input_text, t.input_audio, t.input_image, t.input_cached, t.output_text, t.output_audio,
         t.transcription_seconds, t.reports, tokens,
     )
+    return row if plain else (*row, t)  # type: ignore[return-value]
+
+
+def totals_of(row: Sequence[Any]) -> UsageTotals:
+    """The UsageTotals a row (or its BASE_COLUMNS as read back) was made from, as far as it priced it."""
+    extra = row[EXTRA] if len(row) > EXTRA else None
+    if extra is not None:
+        return extra  # type: ignore[no-any-return]
+    return UsageTotals(
+        int(row[5]), int(row[6]), int(row[8]), int(row[9]), int(row[10]), int(row[11]), int(row[12]), int(row[13]),
+        int(row[7]), float(row[14]), int(row[15]),
+    )
+
+
+class Charged(NamedTuple):
+    """A usage batch recorded for a USD account: what its RECORD_USAGE reply carries."""
+
+    balance: int  # nano-USD, right after the batch
+    markup: int  # ten-thousandths
+    cost: int  # the batch at list price, nano-USD
+
+    def fields(self) -> tuple[str, ...]:
+        return (str(self.balance), "usd", str(self.markup), str(self.cost))
+
+
+# Reported model names a fallback priced, each logged once per process.
+_FALLBACKS_SEEN: set[str] = set()
+
+
+def _costs(conn: Connection, rows: Sequence[Row]) -> list[int | SwitchError]:
+    """Each row's cost at list price by the store's book (read in this transaction), or its refusal.
+
+    A flood's rows mostly repeat a few shapes: a plain row is priced once per distinct model and counts.
+    """
+    book = prices.load_book(conn)
+    memo: dict[tuple[object, ...], int] = {}
+    costs: list[int | SwitchError] = []
+    for row in rows:
+        cost: int | SwitchError
+        try:
+            if len(row) <= EXTRA:
+                key = row[MODEL : TOKENS]
+                found = memo.get(key)
+                if found is None:
+                    found = memo[key] = _price(book, row[MODEL], totals_of(row))
+                cost = found
+            else:
+                cost = _price(book, row[MODEL], row[EXTRA])  # type: ignore[misc]
+        except SwitchError as exc:
+            cost = exc
+        costs.append(cost)
+    return costs
+
+
+def _price(book: prices.PriceBook, model: str, totals: UsageTotals) -> int:
+    priced = batch_cost(totals, book, model)
+    if priced.fallbacks:
+        log_fallbacks(priced, _FALLBACKS_SEEN)
+    return priced.nano_usd
 
 
 def _plan(
-    rows: Sequence[Row], balances: dict[str, int], seen: set[str]
-) -> tuple[list[int | SwitchError], list[Row], dict[str, int]]:
-    """(per row: the balance after it or its refusal; the rows to insert; the tokens to deduct per account).
+    rows: Sequence[Row], balances: dict[str, int], seen: set[str], amounts: Sequence[int | SwitchError] | None = None
+) -> tuple[list[int | SwitchError], list[int], dict[str, int]]:
+    """(per row: the balance after it or its refusal; the indexes of the rows to insert; the amount
+    to deduct per account).
 
     `balances` holds the known accounts' balances before `rows`, `seen` the batch ids already
-    stored (it gets the new ones added).
+    stored (it gets the new ones added), `amounts` what each row deducts (tokens, or nano-USD for
+    a USD account; by default its tokens) or why it cannot be priced.
     """
+    if amounts is None:
+        amounts = [row[TOKENS] for row in rows]
     results: list[int | SwitchError] = []
-    new: list[Row] = []
+    new: list[int] = []
     spent: dict[str, int] = {}
-    for row in rows:
+    for i, row in enumerate(rows):
         account_id = row[ACCOUNT_ID]
         balance = balances.get(account_id)
+        amount = amounts[i]
         if balance is None:
             results.append(SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}"))
         elif row[BATCH_ID] in seen:  # a retry of a batch already counted
             results.append(balance - spent.get(account_id, 0))
+        elif isinstance(amount, SwitchError):
+            results.append(amount)
         else:
             seen.add(row[BATCH_ID])
-            new.append(row)
-            total = spent[account_id] = spent.get(account_id, 0) + row[TOKENS]
+            new.append(i)
+            total = spent[account_id] = spent.get(account_id, 0) + amount
             results.append(balance - total)
     return results, new, spent
 
 
 def _all_new(
-    rows: Sequence[Row], balances: dict[str, int]
-) -> tuple[list[int | SwitchError], list[Row], dict[str, int]]:
-    """`_plan` when every account is known and every batch id new and distinct (a flood's batches):
-    a third of the Python per row, which the worker thread runs holding the GIL."""
+    rows: Sequence[Row], balances: dict[str, int], amounts: Sequence[int] | None = None
+) -> tuple[list[int | SwitchError], list[int], dict[str, int]]:
+    """`_plan` when every account is known, every batch id new and distinct (a flood's batches)
+    and every row priced: a third of the Python per row, which the worker thread runs holding the GIL."""
+    if amounts is None:
+        amounts = [row[TOKENS] for row in rows]
     after: dict[str, int] = {}
     results: list[int | SwitchError] = []
-    for row in rows:
+    for row, amount in zip(rows, amounts):
         account_id = row[ACCOUNT_ID]
-        balance = after[account_id] = after.get(account_id, balances[account_id]) - row[TOKENS]
+        balance = after[account_id] = after.get(account_id, balances[account_id]) - amount
         results.append(balance)
-    return results, list(rows), {account_id: balances[account_id] - left for account_id, left in after.items()}
+    return (
+        results, list(range(len(rows))),
+        {account_id: balances[account_id] - left for account_id, left in after.items()},
+    )
 
 
-def record_rows(conn: Connection, rows: Sequence[Row], now: str) -> list[int | SwitchError]:
-    """Store each batch and deduct its tokens, once per batch_id, as if one after the other.
+USD = "usd"
+
+
+def _amounts(
+    rows: Sequence[Row], costs: Sequence[int | SwitchError], accounts: dict[str, tuple[int, bool]]
+) -> tuple[list[int | SwitchError], list[int]]:
+    """(what each row deducts: tokens, or for a USD account its cost × markup; what each is charged
+    at the account's price, 0 for an unknown account or an unpriced row)."""
+    amounts: list[int | SwitchError] = []
+    charged: list[int] = []
+    for row, cost in zip(rows, costs):
+        account = accounts.get(row[ACCOUNT_ID])
+        if isinstance(cost, SwitchError) or account is None:
+            amounts.append(cost if isinstance(cost, SwitchError) else 0)
+            charged.append(0)
+            continue
+        markup, usd = account
+        paid = cost if markup == 10_000 else charge(cost, markup)
+        charged.append(paid)
+        amounts.append(paid if usd else row[TOKENS])
+    return amounts, charged
+
+
+def _usd_results(
+    rows: Sequence[Row], results: list[int | SwitchError | Charged], costs: Sequence[int | SwitchError],
+    accounts: dict[str, tuple[int, bool]],
+) -> list[int | SwitchError | Charged]:
+    """The results of USD accounts' rows as `Charged` (their replies carry unit, markup and cost)."""
+    for i, row in enumerate(rows):
+        account = accounts.get(row[ACCOUNT_ID])
+        result, cost = results[i], costs[i]
+        if account is not None and account[1] and type(result) is int and type(cost) is int:
+            results[i] = Charged(result, account[0], cost)
+    return results
+
+
+def record_rows(conn: Connection, rows: Sequence[Row], now: str) -> list[int | SwitchError | Charged]:
+    """Store each batch with its cost and deduct it, once per batch_id, as if one after the other.
 
     Returns, per row, the account's balance right after it (a batch id seen before, even
-    earlier in `rows`, deducts nothing and gets the balance at its turn), or the SwitchError
-    refusing it (unknown account), which stores nothing.
+    earlier in `rows`, deducts nothing and gets the balance at its turn) — for a USD account as
+    `Charged`, in nano-USD — or the SwitchError refusing it (unknown account, or a batch the book
+    cannot price: INTERNAL_BAD_USAGE), which stores nothing.
+
+    Each row is priced by the store's book, read in this transaction (`prices.load_book`): its
+    cost at list price and what the account is charged (× markup, rounded up per batch) are
+    stored with it. A token account is lowered by the batch's tokens, a USD account by what it
+    is charged.
 
     Runs inside the caller's transaction (the rows and the deductions stand or fall together)
     with a fixed number of statements: the balances and the batch ids already stored are read
     first, the new rows are inserted in one go, and each account is updated once by the sum of
     its new batches. Taking top-up first is additive, so deducting a sum leaves exactly what
-    deducting each batch in turn would, and each batch lowers the balance by exactly its tokens.
+    deducting each batch in turn would, and each batch lowers the balance by exactly its amount.
     The Python part is one short loop per row: it holds the GIL the event loop needs.
     """
+    costs = _costs(conn, rows)
     if is_postgres(conn):
-        return _record_rows_pg(conn, rows, now)
+        return _record_rows_pg(conn, rows, now, costs)
     balances: dict[str, int] = {}
+    accounts: dict[str, tuple[int, bool]] = {}
     seen: set[str] = set()
-    accounts = list({row[ACCOUNT_ID] for row in rows})
+    wanted = list({row[ACCOUNT_ID] for row in rows})
     batch_ids = [row[BATCH_ID] for row in rows]
-    for key, balance in conn.execute(_LOOKUP, (json.dumps(accounts), json.dumps(batch_ids))).fetchall():
+    for key, balance, markup, unit in conn.execute(_LOOKUP, (json.dumps(wanted), json.dumps(batch_ids))).fetchall():
         if balance is None:
             seen.add(key)
         else:
             balances[key] = balance
-    if not seen and len(balances) == len(accounts) and len(set(batch_ids)) == len(batch_ids):
-        results, new, spent = _all_new(rows, balances)
+            accounts[key] = (markup, unit == USD)
+    amounts, charged = _amounts(rows, costs, accounts)
+    if (not seen and len(balances) == len(wanted) and len(set(batch_ids)) == len(batch_ids)
+            and not any(isinstance(amount, SwitchError) for amount in amounts)):
+        results, new, spent = _all_new(rows, balances, amounts)  # type: ignore[arg-type]
     else:
-        results, new, spent = _plan(rows, balances, seen)
+        results, new, spent = _plan(rows, balances, seen, amounts)
     for start in range(0, len(new), INSERT_ROWS):
         chunk = new[start : start + INSERT_ROWS]
         params: list[object] = [now]
-        params += chain.from_iterable(chunk)
+        for i in chunk:
+            params += rows[i][:TOKENS + 1]
+            params.append(costs[i])
+            params.append(charged[i])
         conn.execute(_insert(len(chunk)), params)
-    for account_id, tokens in spent.items():
-        (after,) = conn.execute(_DEDUCT, {"tokens": tokens, "now": now, "account": account_id}).fetchone()
-        if after != balances[account_id] - tokens:  # overflow, or a write this connection did not make
-            raise RuntimeError(f"balance of {account_id} is {after!r}, expected {balances[account_id] - tokens}")
-    return results
+    for account_id, amount in spent.items():
+        (after,) = conn.execute(_DEDUCT, {"tokens": amount, "now": now, "account": account_id}).fetchone()
+        if after != balances[account_id] - amount:  # overflow, or a write this connection did not make
+            raise RuntimeError(f"balance of {account_id} is {after!r}, expected {balances[account_id] - amount}")
+    return _usd_results(rows, results, costs, accounts)  # type: ignore[arg-type]
 
 
 # PostgreSQL, where several replicas write at once: the unique batch_id decides which rows are
 # new (a concurrent insert of the same id waits for the other transaction, then skips), and each
 # account's deduction is one atomic UPDATE ... RETURNING on the locked row.
-_PG_ACCOUNTS = "SELECT id FROM accounts WHERE id = ANY(%s)"
+_PG_ACCOUNTS = "SELECT id, markup, unit FROM accounts WHERE id = ANY(%s)"
 _PG_COLUMNS = _COLUMNS
 _PG_DEDUCT = (
     "UPDATE accounts SET topup_remaining = topup_remaining - least(greatest(topup_remaining, 0), %(tokens)s),"
@@ -304,19 +450,25 @@ def _pg_insert(rows: int) -> str:
     )
 
 
-def _record_rows_pg(conn: Connection, rows: Sequence[Row], now: str) -> list[int | SwitchError]:
+def _record_rows_pg(
+    conn: Connection, rows: Sequence[Row], now: str, costs: Sequence[int | SwitchError]
+) -> list[int | SwitchError | Charged]:
     """`record_rows` on PostgreSQL, exact with other replicas recording for the same accounts at once.
 
     The per-row balances of the reply are worked out from each account's balance after its one
     atomic deduction: nothing read earlier is written back.
     """
     raw = conn.raw
-    wanted = sorted({row[1] for row in rows})  # row[1]: ACCOUNT_ID, row[0]: BATCH_ID, row[16]: TOKENS
-    known = {account_id for (account_id,) in raw.execute(_PG_ACCOUNTS, (wanted,)).fetchall()}
-    candidates: dict[str, Row] = {}
-    for row in rows:
-        if row[1] in known:
-            candidates.setdefault(row[0], row)
+    wanted = sorted({row[ACCOUNT_ID] for row in rows})
+    accounts = {
+        account_id: (int(markup), unit == USD)
+        for account_id, markup, unit in raw.execute(_PG_ACCOUNTS, (wanted,)).fetchall()
+    }
+    amounts, charged = _amounts(rows, costs, accounts)
+    candidates: dict[str, int] = {}  # batch id → index of its first row
+    for i, row in enumerate(rows):
+        if row[ACCOUNT_ID] in accounts and not isinstance(amounts[i], SwitchError):
+            candidates.setdefault(row[BATCH_ID], i)
     # Sorted by batch id, as every replica inserts: two transactions inserting the same ids (a
     # retry racing its original on another replica) then never wait on each other in a cycle.
     ordered = [candidates[batch_id] for batch_id in sorted(candidates)]
@@ -324,17 +476,18 @@ def _record_rows_pg(conn: Connection, rows: Sequence[Row], now: str) -> list[int
     for start in range(0, len(ordered), INSERT_ROWS):
         chunk = ordered[start : start + INSERT_ROWS]
         params: list[object] = []
-        for row in chunk:
-            params += row
-            params.append(now)
+        for i in chunk:
+            params += rows[i][:TOKENS + 1]
+            params += (costs[i], charged[i], now)
         inserted.update(batch_id for (batch_id,) in raw.execute(_pg_insert(len(chunk)), params).fetchall())
     spent: dict[str, int] = {}
     for batch_id in inserted:
-        row = candidates[batch_id]
-        spent[row[1]] = spent.get(row[1], 0) + row[16]
+        i = candidates[batch_id]
+        account_id = rows[i][ACCOUNT_ID]
+        spent[account_id] = spent.get(account_id, 0) + amounts[i]  # type: ignore[operator]
     balance: dict[str, int] = {}  # each account's balance before this batch's deduction
     for account_id in wanted:
-        if account_id not in known:
+        if account_id not in accounts:
             continue
         if account_id in spent:
             (after,) = raw.execute(
@@ -346,18 +499,21 @@ def _record_rows_pg(conn: Connection, rows: Sequence[Row], now: str) -> list[int
                 "SELECT token_remaining + topup_remaining FROM accounts WHERE id = %s", (account_id,)
             ).fetchone()
             balance[account_id] = int(after)
-    results: list[int | SwitchError] = []
+    results: list[int | SwitchError | Charged] = []
     counted: set[str] = set()
-    for row in rows:
-        batch_id, account_id = row[0], row[1]
-        if account_id not in known:
+    for i, row in enumerate(rows):
+        batch_id, account_id = row[BATCH_ID], row[ACCOUNT_ID]
+        if account_id not in accounts:
             results.append(SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}"))
             continue
         if batch_id in inserted and batch_id not in counted:
             counted.add(batch_id)
-            balance[account_id] -= row[16]
+            balance[account_id] -= amounts[i]  # type: ignore[operator]
+        elif batch_id not in inserted and isinstance(amounts[i], SwitchError):
+            results.append(amounts[i])  # type: ignore[arg-type]
+            continue
         results.append(balance[account_id])
-    return results
+    return _usd_results(rows, results, costs, accounts)
 
 
 def usage_summary(conn: Connection, account_id: str) -> UsageSummary:

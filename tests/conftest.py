@@ -39,3 +39,10 @@ async def provider(request: pytest.FixtureRequest, tls_ca: trustme.CA):
         tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
     async with scripted_provider(context) as p:
         yield p
+
+
+@pytest.fixture
+async def plain_provider():
+    """A ws:// provider only, for tests of switchd's client side (the relay runs over both kinds)."""
+    async with scripted_provider(None) as p:
+        yield p

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 
 from perf import procs
-from tests.stack import open_stack
+from tests.stack import metrics_url, open_stack
 from tests.webrtc import browser, post
 
 TEXT = {"type": "response.create", "response": {"output_modalities": ["text"]}}
@@ -69,6 +69,10 @@ async def test_a_dry_account_is_hung_up_mid_call(tmp_path: Path) -> None:
                     assert usage["total_tokens"] > 20
                     await peer.until("closed")  # the switch hung the call up at the provider
                 await balance(stack, account_id, 20 - usage["total_tokens"])
+                metrics = procs.metric_values(await procs.http_get(metrics_url(switch)))
+                assert metrics["switch_sessions_total"] == 1 and metrics["switch_credit_cutoffs_total"] == 1
+                assert metrics["switch_tokens_metered_total"] == usage["total_tokens"]
+                assert metrics["switch_sessions_open"] == 0
                 # Dry now: no new call, and no secret.
                 async with browser(calls, key) as peer:
                     refused = await peer.until("refused")

@@ -109,3 +109,36 @@ async def test_refusals(tmp_path: Path) -> None:
                 await stack.cli("key", "revoke", hashlib.sha256(key.encode()).hexdigest())
                 assert (await rejected(url, subprotocols=browser_protocols(revoked)))[0] == 401
                 assert (await mint(switch, key, {}))[0] == 401
+
+
+def sdk_mint_and_talk(base_url: str, key: str) -> tuple[str, str, int]:
+    """The official SDK as an app server (mints) and as its client (connects with the secret)."""
+    from openai import OpenAI
+
+    server = OpenAI(api_key=key, base_url=base_url, max_retries=0)
+    secret = server.realtime.client_secrets.create(
+        expires_after={"anchor": "created_at", "seconds": 120},
+        session={"type": "realtime", "instructions": "You sell shoes."})
+    client = OpenAI(api_key=secret.value, base_url=base_url, max_retries=0)
+    with client.realtime.connect(model="gpt-realtime", extra_query={"rs_sessid": "sdk-secret"}) as connection:
+        connection.response.create(response={"output_modalities": ["text"]})
+        instructions = ""
+        for event in connection:
+            if event.type == "session.updated":
+                instructions = event.session.instructions or ""  # type: ignore[union-attr]
+            if event.type == "response.done":
+                return secret.value[:3], instructions, event.response.usage.total_tokens  # type: ignore[union-attr]
+    raise AssertionError("no response.done")
+
+
+async def test_the_official_sdk_mints_and_uses_a_secret(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with open_stack(tmp_path) as stack, procs.sim(tmp_path, "--fast") as sim:
+            account_id, key = await stack.account(tokens=100_000)
+            async with stack.switchd(f"{sim.address}/v1/realtime?model=gpt-realtime") as switch:
+                base_url = switch.address.replace("ws://", "http://") + "/v1"
+                prefix, instructions, tokens = await trio.to_thread.run_sync(sdk_mint_and_talk, base_url, key)
+            assert prefix == "ek_" and instructions == "You sell shoes." and tokens > 0
+            with trio.fail_after(15):
+                while await stack.credits(account_id) != 100_000 - tokens:
+                    pass

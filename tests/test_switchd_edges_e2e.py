@@ -22,25 +22,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from tests.daemons import BIN, base_env
 from tests.stack import Stack, client_url, metrics_url
-from tests.upstream import ScriptedProvider, response_done, scripted_provider
-
-
-@pytest.fixture
-async def provider():
-    """A plain ws:// provider: what these tests exercise is switchd's side facing its clients
-    (the relay over both kinds of upstream is test_switchd_e2e's)."""
-    async with scripted_provider(None) as p:
-        yield p
-
-
-@pytest.fixture(params=["wss", "ws"])
-async def any_provider(request: pytest.FixtureRequest, tls_ca: trustme.CA):
-    context = None
-    if request.param == "wss":
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    async with scripted_provider(context) as p:
-        yield p
+from tests.upstream import ScriptedProvider, response_done
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -93,12 +75,12 @@ UPGRADE = ("GET {target} {version}\r\nHost: x\r\nUpgrade: websocket\r\nConnectio
                                              ((signal.SIGTERM, signal.SIGINT), "1"),
                                              ((signal.SIGTERM, signal.SIGTERM), "2")])  # the supervisor passes both on
 async def test_second_signal_ends_the_grace_and_spools_the_usage(
-    stack: Stack, provider: ScriptedProvider, signals: tuple[int, int], workers: str
+    stack: Stack, plain_provider: ScriptedProvider, signals: tuple[int, int], workers: str
 ) -> None:
     account_id, key = await stack.account(tokens=10_000)
-    async with stack.switchd(provider.url, SHUTDOWN_GRACE="120", WORKERS=workers) as sw:
+    async with stack.switchd(plain_provider.url, SHUTDOWN_GRACE="120", WORKERS=workers) as sw:
         async with open_websocket_url(client_url(sw, key, "twice")) as ws:
-            up = await provider.next()
+            up = await plain_provider.next()
             await up.send_json(response_done(40, 60))
             with trio.fail_after(10):
                 await ws.get_message()
@@ -116,7 +98,7 @@ async def test_second_signal_ends_the_grace_and_spools_the_usage(
             finally:
                 stack.db.terminate(signal.SIGCONT)
     assert any((stack.tmp / "switchd-spool").iterdir()) and "again" in sw.log()  # kept on disk, not lost
-    async with stack.switchd(provider.url, WORKERS=workers):  # the next start on the same spool delivers it
+    async with stack.switchd(plain_provider.url, WORKERS=workers):  # the next start on the same spool delivers it
 
         async def billed() -> bool:
             return await stack.credits(account_id) == 10_000 - 100
@@ -125,10 +107,12 @@ async def test_second_signal_ends_the_grace_and_spools_the_usage(
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-async def test_two_signals_at_once_still_stop_cleanly(stack: Stack, provider: ScriptedProvider, workers: str) -> None:
+async def test_two_signals_at_once_still_stop_cleanly(
+    stack: Stack, plain_provider: ScriptedProvider, workers: str
+) -> None:
     """The second signal may land anywhere in the shutdown, even before it began or after it ended."""
     for attempt in range(3):
-        async with stack.switchd(provider.url, name=f"both{attempt}", WORKERS=workers) as sw:
+        async with stack.switchd(plain_provider.url, name=f"both{attempt}", WORKERS=workers) as sw:
             sw.terminate(signal.SIGTERM)
             sw.terminate(signal.SIGINT)
             with trio.fail_after(15):
@@ -188,10 +172,10 @@ async def test_make_run_ctrl_c_stops_once_and_bills_every_response_seen(tmp_path
 
 
 async def test_workers_start_at_once_on_a_port_with_time_wait_connections(
-    stack: Stack, provider: ScriptedProvider
+    stack: Stack, plain_provider: ScriptedProvider
 ) -> None:
     _, key = await stack.account()
-    async with stack.switchd(provider.url, name="first") as sw:  # one process, as after a plain `make run`
+    async with stack.switchd(plain_provider.url, name="first") as sw:  # one process, as after a plain `make run`
         host, port = host_port(sw.address)
         for _ in range(3):  # rejected handshakes: switchd closes first, its end stays in TIME-WAIT
             assert (await raw_exchange(host, port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 426")
@@ -200,10 +184,10 @@ async def test_workers_start_at_once_on_a_port_with_time_wait_connections(
         return bool(re.search(rf"0100007F:{port:04X} \S+ 06 ", await trio.Path("/proc/net/tcp").read_text()))
 
     await until(time_wait, poll=0.01)
-    async with stack.switchd(provider.url, WORKERS="2", PORT=str(port)) as sw:
+    async with stack.switchd(plain_provider.url, WORKERS="2", PORT=str(port)) as sw:
         assert sw.address.endswith(f":{port}")
         async with open_websocket_url(client_url(sw, key, "tw")):
-            await provider.next()
+            await plain_provider.next()
 
 
 # --- resources ------------------------------------------------------------------------------
@@ -219,10 +203,10 @@ def limit_for_one_more(pid: int) -> int:
 
 
 async def test_at_the_descriptor_limit_sessions_get_503_and_the_log_stays_small(
-    stack: Stack, provider: ScriptedProvider
+    stack: Stack, plain_provider: ScriptedProvider
 ) -> None:
     _, key = await stack.account()
-    async with stack.switchd(provider.url) as sw:
+    async with stack.switchd(plain_provider.url) as sw:
         host, port = host_port(sw.address)
         soft, hard = resource.prlimit(sw.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(sw.pid, resource.RLIMIT_NOFILE, (limit_for_one_more(sw.pid), hard))  # one client, no upstream
@@ -250,15 +234,17 @@ async def test_at_the_descriptor_limit_sessions_get_503_and_the_log_stays_small(
         assert log.count("accepting a client: EMFILE") == 1 and "Traceback" not in log
         assert log.count("no socket for an upstream: refusing sessions: EMFILE") == 1
         async with open_websocket_url(client_url(sw, key, "fd-after")):  # sessions work again
-            await provider.next()
+            await plain_provider.next()
 
 
 # --- hostile handshakes -----------------------------------------------------------------------
 
 
-async def test_hostile_handshakes_are_400_and_the_log_stays_clean(stack: Stack, provider: ScriptedProvider) -> None:
+async def test_hostile_handshakes_are_400_and_the_log_stays_clean(
+    stack: Stack, plain_provider: ScriptedProvider
+) -> None:
     _, key = await stack.account()
-    async with stack.switchd(provider.url) as sw:
+    async with stack.switchd(plain_provider.url) as sw:
         host, port = host_port(sw.address)
         target = f"/v1/realtime?rs_key={key}&rs_sessid=h"
         for version, extra in (("HTTP/1.0", ""),
@@ -279,25 +265,25 @@ async def test_hostile_handshakes_are_400_and_the_log_stays_clean(stack: Stack, 
 
 
 async def test_half_open_handshake_holds_no_slot_and_is_cut_at_the_timeout(
-    stack: Stack, provider: ScriptedProvider
+    stack: Stack, plain_provider: ScriptedProvider
 ) -> None:
     from switchd.server import HANDSHAKE_TIMEOUT_S
 
     _, key = await stack.account()
-    async with stack.switchd(provider.url, MAX_SESSIONS="1") as sw:
+    async with stack.switchd(plain_provider.url, MAX_SESSIONS="1") as sw:
         host, port = host_port(sw.address)
         half = await trio.open_tcp_stream(host, port)
         await half.send_all(f"GET /v1/realtime?rs_key={key}&rs_sessid=half HTTP/1.1\r\nHost: x\r\n".encode())
         started = time.monotonic()
         async with open_websocket_url(client_url(sw, key, "whole")):  # the one slot is free meanwhile
-            await provider.next()
+            await plain_provider.next()
         with trio.fail_after(HANDSHAKE_TIMEOUT_S + 5):
             answer = b""
             while chunk := await half.receive_some(65536):
                 answer += chunk
         assert HANDSHAKE_TIMEOUT_S - 0.5 <= time.monotonic() - started and answer.startswith(b"HTTP/1.1 426")
         async with open_websocket_url(client_url(sw, key, "again")):
-            await provider.next()
+            await plain_provider.next()
         body = (await http_get(*host_port(metrics_url(sw)), "/metrics"))[1]
         assert metric(body, "switch_sessions_total") == 2
 
@@ -305,8 +291,8 @@ async def test_half_open_handshake_holds_no_slot_and_is_cut_at_the_timeout(
 # --- /metrics and /healthz --------------------------------------------------------------------
 
 
-async def test_metrics_bind_metrics_host_and_health_is_cached(stack: Stack, provider: ScriptedProvider) -> None:
-    async with stack.switchd(provider.url, METRICS_HOST="127.0.0.2") as sw:
+async def test_metrics_bind_metrics_host_and_health_is_cached(stack: Stack, plain_provider: ScriptedProvider) -> None:
+    async with stack.switchd(plain_provider.url, METRICS_HOST="127.0.0.2") as sw:
         host, port = host_port(metrics_url(sw))
         assert host == "127.0.0.2"
         with pytest.raises(OSError):
@@ -332,9 +318,9 @@ def tls_files(tmp_path: Path) -> tuple[trustme.CA, Path, Path]:
 
 
 async def test_switchd_serves_wss_itself(
-    stack: Stack, any_provider: ScriptedProvider, tls_files: tuple[trustme.CA, Path, Path]
+    stack: Stack, provider: ScriptedProvider, tls_files: tuple[trustme.CA, Path, Path]
 ) -> None:
-    provider = any_provider  # wss:// in, and ws:// or wss:// out
+    # wss:// in, and ws:// or wss:// out
     ca, cert_file, key_file = tls_files
     account_id, key = await stack.account(tokens=10_000)
     async with stack.switchd(provider.url, TLS_CERT_FILE=str(cert_file), TLS_KEY_FILE=str(key_file)) as sw:
