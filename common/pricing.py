@@ -12,6 +12,7 @@ has its own price. Transcription is priced by the transcription model, per token
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -360,3 +361,13 @@ DEFAULT_PRICES: dict[str, ModelPrices] = {
 
 def default_book() -> PriceBook:
     return PriceBook(DEFAULT_PRICES)
+
+
+def book_from_json(text: str) -> PriceBook:
+    """`book_json`'s text as a PriceBook (what switchd does with it); raises SwitchError when malformed."""
+    try:
+        data = json.loads(text)
+        models = {name: ModelPrices(**rates) for name, rates in data["models"].items()}
+        return PriceBook(models, fallback=data["fallback"], transcription_fallback=data["transcription_fallback"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "malformed price book") from None

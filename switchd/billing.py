@@ -23,6 +23,8 @@ import trio
 
 from common.dbclient import DbClient
 from common.errors import ErrorCode, SwitchError
+from common.pricing import batch_cost, charge, log_fallbacks
+from common.replies import Pricing, Recorded
 from common.usage import UsageTotals
 from common.wire import MessageType
 from switchd.journal import Batch, Journal, Report, check_fsync, find_orphans, new_batches
@@ -30,6 +32,8 @@ from switchd.metering import meter
 from switchd.upstream import backoff
 
 log = logging.getLogger(__name__)
+
+_FALLBACKS_LOGGED: set[str] = set()  # unknown models priced by the fallback: each logged once a process
 
 BATCH_REPORTS = 5
 FLUSH_INTERVAL_S = 2.0
@@ -45,17 +49,25 @@ __all__ = ["Batch", "Ledger", "Outbox", "record", "run_batcher"]
 
 
 class Ledger:
-    """One session's unflushed usage and its local view of the account's balance."""
+    """One session's unflushed usage and its local view of the account's balance.
+
+    The balance is in the account's unit: tokens, or nano-USD for an account with `pricing`, which
+    pays each report's cost at the price book's rates times its markup, exactly as switchdb
+    charges it. So the mid-session cut-off works the same in both."""
 
     def __init__(
-        self, account_id: str, session_id: str, model: str, credits: int, journal: Journal | None = None
+        self, account_id: str, session_id: str, model: str, credits: int, journal: Journal | None = None,
+        pricing: Pricing | None = None,
     ) -> None:
         self.account_id = account_id
         self.session_id = session_id
         self.model = model
         self.credits = credits
         self.journal = journal  # None only in unit tests of the arithmetic
+        self.pricing = pricing
+        self.transcription_model = ""  # what the session's input transcription is billed as
         self.totals = UsageTotals()
+        self.pending = 0  # what the reports in `totals` take off the balance
         self.inflight: Batch | None = None  # taken, sent, not yet acknowledged
         self.wake = trio.Event()  # set on the first pending report and when a batch is full
         self._seqs: list[int] = []  # the journal's numbers of the reports in `totals`
@@ -70,17 +82,30 @@ class Ledger:
         tokens = meter(event, report)
         if not report.reports:
             return 0
+        report.transcription_model = self.transcription_model
+        spend = tokens if self.pricing is None else self._charge(report)
         self.totals.merge(report)
         if self.journal is not None:
             self._seqs.append(
                 self.journal.report(Report(self.account_id, self.session_id, self.model, report.to_json()))
             )
-        self.added(tokens)
+        self.added(spend)
         return tokens
 
-    def added(self, tokens: int) -> None:
-        """Account for a report just added to `totals`."""
-        self.credits -= tokens
+    def _charge(self, report: UsageTotals) -> int:
+        assert self.pricing is not None
+        try:
+            priced = batch_cost(report, self.pricing.book, self.model)
+        except SwitchError as exc:  # counts no price applies to: switchdb refuses the batch too
+            log.warning("usage report not priced: %s", exc.message)
+            return 0
+        log_fallbacks(priced, _FALLBACKS_LOGGED)
+        return charge(priced.nano_usd, self.pricing.markup)
+
+    def added(self, spend: int) -> None:
+        """Account for a report just added to `totals`: `spend` in the account's unit."""
+        self.credits -= spend
+        self.pending += spend
         if self.totals.reports == 1 or self.totals.reports >= BATCH_REPORTS:
             self.wake.set()
 
@@ -95,12 +120,13 @@ class Ledger:
             self.journal.batch(batch, tuple(self._seqs))
         self._seqs = []
         self.totals = UsageTotals()
+        self.pending = 0
         self.wake = trio.Event()
         return batch
 
     def acknowledged(self, credits: int) -> None:
         # switchdb's balance already includes the batch; reports added since are still ours to subtract.
-        self.credits = credits - self.totals.tokens
+        self.credits = credits - self.pending
 
 
 async def record(db: DbClient, batch: Batch, journal: Journal | None = None) -> int:
@@ -117,7 +143,7 @@ async def record(db: DbClient, batch: Batch, journal: Journal | None = None) -> 
                     MessageType.RECORD_USAGE, batch.batch_id, batch.account_id, batch.session_id,
                     batch.provider, batch.model, batch.usage_json,
                 )
-                return int(fields[0])
+                return Recorded.decode(fields).balance
             except SwitchError as exc:
                 if exc.code in PERMANENT:
                     raise

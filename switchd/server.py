@@ -23,6 +23,7 @@ import trio
 from common.config import Settings
 from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
+from common.replies import Validated
 from common.wire import MessageType
 from switchd.accept import ResourceAlarm, can_open_socket, serve_accepting
 from switchd.billing import Outbox
@@ -125,8 +126,8 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
         if previous is not None and previous.client.closed is not None:
             with trio.move_on_after(CLEANUP_S):
                 await previous.done.wait()
-        account_id, credits, restore = await switch.db.request(
-            MessageType.VALIDATE_AND_LOAD, params.key, params.session_id
+        account = Validated.decode(
+            await switch.db.request(MessageType.VALIDATE_AND_LOAD, params.key, params.session_id)
         )
     except BaseException as exc:
         metrics.sessions_open -= 1  # before answering: the client may retry at once
@@ -138,9 +139,9 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
         if not await _respond(stream, accept_response(key, params.subprotocol), close=False):
             return
         metrics.sessions_total += 1
-        log.info("session open %s", redact(target), extra={"account": account_id, "session": params.session_id})
+        log.info("session open %s", redact(target), extra={"account": account.account_id, "session": params.session_id})
         client = WsConnection(stream, bytes(rest), server=True, max_message=_hard_limit(settings))
-        await Session(switch, client, params, account_id, int(credits), restore).run()
+        await Session(switch, client, params, account).run()
     finally:
         metrics.sessions_open -= 1
 

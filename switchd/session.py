@@ -24,6 +24,8 @@ from common import fastjson
 from common.config import Settings
 from common.dbclient import DbClient
 from common.errors import ErrorCode, SwitchError
+from common.pricing import transcription_model_of
+from common.replies import Validated
 from common.wire import MessageType
 from switchd.billing import Ledger, Outbox, run_batcher
 from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
@@ -71,17 +73,16 @@ class Switch:
 
 class Session:
     def __init__(
-        self, switch: Switch, client: WsConnection, params: ClientParams,
-        account_id: str, credits: int, restore: str,
+        self, switch: Switch, client: WsConnection, params: ClientParams, account: Validated,
     ) -> None:
         self.switch = switch
         self.client = client
         self.params = params
-        self.account_id = account_id
-        self.restore = restore  # the stored session.update, sent first on every upstream connect
+        self.account_id = account_id = account.account_id
+        self.restore = account.restore  # the stored session.update, sent first on every upstream connect
         self.url = upstream_url(switch.settings.upstream_url, params.model)
-        self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), credits,
-                             journal=switch.outbox.journal)
+        self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), account.balance,
+                             journal=switch.outbox.journal, pricing=account.pricing)
         self.conversation = Conversation()
         self.up: WsConnection | None = None  # the open upstream, once restored and drained
         self.pending: list[bytes] = []  # client frames (as masked bytes) waiting for an upstream
@@ -166,7 +167,8 @@ class Session:
                 if exc.code == ErrorCode.EXTERNAL_INVALID_AUTH:
                     await self._settled()  # what the provider is producing now is still billed
                     raise SwitchError(
-                        ErrorCode.EXTERNAL_INVALID_AUTH, "The key was revoked or has expired, or the account is suspended."
+                        ErrorCode.EXTERNAL_INVALID_AUTH,
+                        "The key was revoked or has expired, or the account is suspended.",
                     ) from None
                 # A dry account is the ledger's to cut after the response; an outage is not the key's fault.
 
@@ -279,12 +281,13 @@ class Session:
             await db.send(MessageType.APPEND_CONVERSATION, self.account_id, self.params.session_id, text)
         try:
             fields = await db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
+            account = Validated.decode(fields)
         except SwitchError as exc:
             if exc.code != ErrorCode.INTERNAL_DB_UNAVAILABLE:
                 raise
             log.warning("switchdb unavailable; restoring the session as it was at connect", extra=self.log_extra)
             return
-        self.restore = fields[2]
+        self.restore = account.restore
 
     async def _checkpoint(self) -> None:
         if len(self.conversation) >= CHECKPOINT_CHARS:
@@ -385,10 +388,13 @@ class Session:
     async def _act(self, event: Mapping[str, object], frame: str, reconnected: bool) -> bool:
         """Act on a session event; False for the events a resumed client must not see."""
         kind = event["type"]
+        session = event.get("session")
+        if kind in ("session.updated", "session.created") and isinstance(session, Mapping):
+            # Transcription is billed at its own model's rates.
+            self.ledger.transcription_model = transcription_model_of(session) or ""
         if kind == "session.updated":
             await self.switch.db.send(MessageType.SAVE_SESSION, self.account_id, self.params.session_id, frame)
         elif kind == "session.created":
-            session = event.get("session")
             if isinstance(session, Mapping) and isinstance(session.get("model"), str):
                 self.ledger.model = session["model"]  # the provider's own name for what it bills
             return not reconnected  # a resumed client already has its session

@@ -112,7 +112,8 @@ def create_account(
     )
     try:
         conn.execute(
-            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, email_key, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}, email_key, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*_account_row(account), email_key(email), now),
         )
     except Exception as exc:

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from common.config import Settings, load_settings, read_env_file
 from common.errors import ErrorCode, SwitchError
 from common.logs import setup_logging
-from switchdb import accounts, sessions, usage
+from switchdb import accounts, ledger, ledger_cli, sessions, usage
 from switchdb.db import (
     Connection,
     applied_migrations,
@@ -63,6 +63,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive_text(text: str) -> str:
+    """A positive whole number, kept as text: its maximum is checked where it is used."""
+    _positive(text)
+    return text
+
+
 def _positive(text: str) -> int:
     value = _count(text)
     if value == 0:
@@ -90,9 +96,16 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def _account_text(a: accounts.Account) -> str:
+    if a.unit == ledger.USD:
+        usd = ledger.format_usd
+        balance = (
+            f"balance   ${usd(a.credits)} (plan ${usd(a.token_remaining)}, top-up ${usd(a.topup_remaining)}),"
+            f" markup {ledger.format_markup(a.markup)}\n"
+        )
+    else:
+        balance = f"credits   {a.credits} (plan tokens {a.token_remaining}, top-up {a.topup_remaining})\n"
     return (
-        f"account   {a.id}\nemail     {a.email}\nplan      {a.plan_name}\n"
-        f"credits   {a.credits} (plan tokens {a.token_remaining}, top-up {a.topup_remaining})\n"
+        f"account   {a.id}\nemail     {a.email}\nplan      {a.plan_name}\n{balance}"
         f"status    {a.status}\ncreated   {a.created_at}"
     )
 
@@ -115,8 +128,10 @@ def cmd_migrate(args: argparse.Namespace, conn: Connection, applied_now: list[st
 
 
 def cmd_account_create(args: argparse.Namespace, conn: Connection) -> None:
+    usd = None if args.usd is None else ledger_cli.parse_usd(args.usd, name="--usd")
+    markup = ledger.DEFAULT_MARKUP if args.markup is None else ledger_cli.parse_markup(args.markup, name="--markup")
     with transaction(conn):
-        account = accounts.create_account(conn, args.email, args.plan, args.tokens, args.topup)
+        account = accounts.create_account(conn, args.email, args.plan, args.tokens, args.topup, usd=usd, markup=markup)
     _emit(args, account.as_json(), _account_text(account))
 
 
@@ -127,7 +142,8 @@ def cmd_account_show(args: argparse.Namespace, conn: Connection) -> None:
 
 def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
-        plaintext, key = accounts.create_key(conn, args.account, args.label, args.expires_at)
+        account_id = ledger_cli.account_id(conn, args.account)
+        plaintext, key = accounts.create_key(conn, account_id, args.label, args.expires_at)
     data = {
         "key": plaintext,
         "key_hash": key.key_hash,
@@ -145,7 +161,7 @@ def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
 
 
 def cmd_key_list(args: argparse.Namespace, conn: Connection) -> None:
-    keys = accounts.list_keys(conn, args.account)
+    keys = accounts.list_keys(conn, ledger_cli.account_id(conn, args.account))
     _emit(args, {"keys": [k.as_json() for k in keys]}, "\n".join(map(_key_text, keys)) or "no keys")
 
 
@@ -153,26 +169,6 @@ def cmd_key_revoke(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
         key = accounts.revoke_key(conn, args.key)
     _emit(args, key.as_json(), f"revoked {key.key_indicator} ({key.key_hash}) at {key.revoked_at}")
-
-
-def cmd_credits_topup(args: argparse.Namespace, conn: Connection) -> None:
-    with transaction(conn):
-        account = accounts.top_up(conn, args.account, args.tokens)
-    _emit(args, account.as_json(), _account_text(account))
-
-
-def cmd_usage(args: argparse.Namespace, conn: Connection) -> None:
-    accounts.require_account(conn, args.account)
-    summary = usage.usage_summary(conn, args.account)
-    data = summary.as_json()
-    breakdown = "\n".join(f"  {name:<14}{count}" for name, count in data["breakdown"].items())
-    text = (
-        f"account        {summary.account_id}\nbatches        {summary.batches}\n"
-        f"input tokens   {summary.input_tokens}\noutput tokens  {summary.output_tokens}\n"
-        f"total tokens   {summary.total_tokens} (deducted; includes transcription)\nbreakdown\n{breakdown}\n"
-        f"cost           ${data['cost_usd']:.4f} (approximate, at list prices)"
-    )
-    _emit(args, data, text)
 
 
 def _demo_key(conn: Connection, account_id: str, key_file: Path) -> str:
@@ -216,11 +212,13 @@ def cmd_seed(args: argparse.Namespace, conn: Connection, settings: Settings) -> 
 # Every table a deployment holds, in an order that satisfies the foreign keys. Summary claims
 # are not copied: they only matter while a summary runs.
 COPIED_TABLES: dict[str, str] = {
-    "accounts": "id, email, plan_name, token_remaining, topup_remaining, status, created_at, updated_at",
+    "accounts": "id, email, plan_name, token_remaining, topup_remaining, status, created_at, updated_at, unit, markup,"
+    " email_key",
     "api_keys": "key_hash, account_id, key_indicator, label, created_at, expires_at, last_used_at, revoked_at",
     "sessions": "account_id, session_id, type, data, created_at",
     "usage_metrics": "id, " + usage._COLUMNS,
     "client_secrets": "secret_hash, account_id, key_hash, session_json, created_at, expires_at, revoked_at",
+    "credit_entries": "id, account_id, kind, amount, reason, created_at",
 }
 
 
@@ -250,6 +248,10 @@ def copy_store(source: Connection, target: Connection) -> dict[str, int]:
         target.execute(
             "SELECT setval(pg_get_serial_sequence('usage_metrics', 'id'), coalesce(max(id), 0) + 1, false)"
             " FROM usage_metrics"
+        )
+        target.execute(
+            "SELECT setval(pg_get_serial_sequence('credit_entries', 'id'), coalesce(max(id), 0) + 1, false)"
+            " FROM credit_entries"
         )
     return copied
 
@@ -369,28 +371,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--plan", choices=sorted(accounts.PLAN_ALLOWANCES), default="Free")
     sub.add_argument("--tokens", type=_count, help="plan tokens (default: the plan's allowance)")
     sub.add_argument("--topup", type=_count, default=0, help="top-up tokens")
+    sub.add_argument("--usd", metavar="USD", help="a USD account with this balance (instead of tokens)")
+    sub.add_argument("--markup", help="the account's price over list prices, e.g. 1.3 (default 1)")
     sub = command(account, "show", cmd_account_show, "show an account")
     sub.add_argument("account", metavar="ID_OR_EMAIL")
 
     key = commands.add_parser("key", help="API keys").add_subparsers(dest="action", metavar="ACTION", required=True)
     sub = command(key, "create", cmd_key_create, "create a key (the plaintext is shown once)")
-    sub.add_argument("--account", required=True, metavar="ID")
+    sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
     sub.add_argument("--label", required=True)
     sub.add_argument("--expires-at", type=_future_time, metavar="ISO8601")
     sub = command(key, "list", cmd_key_list, "list an account's keys")
-    sub.add_argument("--account", required=True, metavar="ID")
+    sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
     sub = command(key, "revoke", cmd_key_revoke, "revoke a key")
-    sub.add_argument("key", metavar="KEY_HASH_OR_INDICATOR")
+    sub.add_argument("key", metavar="KEY_HASH_INDICATOR_OR_KEY")
 
     credits = commands.add_parser("credits", help="credits").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
-    sub = command(credits, "topup", cmd_credits_topup, "add top-up tokens")
-    sub.add_argument("--account", required=True, metavar="ID")
-    sub.add_argument("--tokens", required=True, type=_positive)
+    sub = command(credits, "topup", ledger_cli.cmd_credits_topup, "add top-up tokens (or USD to a USD account)")
+    sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
+    sub.add_argument("--tokens", type=_positive_text)
+    sub.add_argument("--usd", metavar="USD")
+    ledger_cli.register(commands, account, credits, command)
 
-    sub = command(commands, "usage", cmd_usage, "usage totals and approximate cost")
-    sub.add_argument("--account", required=True, metavar="ID")
+    sub = command(commands, "usage", ledger_cli.cmd_usage, "usage statement: tokens by type, cost and charge")
+    sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
+    sub.add_argument("--since", metavar="DATE", help="from this day (YYYY-MM-DD, UTC) or ISO 8601 time")
+    sub.add_argument("--until", metavar="DATE", help="to this day, inclusive (or before this ISO 8601 time)")
+    sub.add_argument("--by", choices=sorted(ledger.GROUPS), help="one line per day, model or session")
+    sub.add_argument("--csv", action="store_true", help="CSV rows, a total row last")
     sub = command(commands, "ping", cmd_ping, "exit 0 when the daemon answers")
     sub.add_argument("--timeout-ms", type=_positive, help="default ZMQ_TIMEOUT_MS or 5000")
     sub = command(commands, "seed", cmd_seed, "create the demo account, key and session")

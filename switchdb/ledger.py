@@ -96,7 +96,7 @@ def migrate_usage_cost(conn: Connection) -> None:
     rows = conn.execute(f"SELECT id, {usage.BASE_COLUMNS} FROM usage_metrics").fetchall()
     for row_id, *row in rows:
         try:
-            cost = batch_cost(usage.totals_of(tuple(row)), book, row[4]).nano_usd  # type: ignore[arg-type]
+            cost = batch_cost(usage.totals_of(tuple(row)), book, row[4]).nano_usd
         except SwitchError:
             continue
         conn.execute("UPDATE usage_metrics SET cost_nano = ?, charged_nano = ? WHERE id = ?", (cost, cost, row_id))
@@ -145,9 +145,12 @@ def check_reason(reason: str) -> str:
 
 
 def _balance(conn: Connection, account_id: str) -> tuple[str, int, int, int]:
-    """(unit, plan part, top-up part, markup) of an account, read in the caller's transaction."""
+    """(unit, plan part, top-up part, markup) of an account, read in the caller's transaction; on
+    PostgreSQL the row stays locked to its end, so a check made on it holds when the change is written
+    (SQLite's BEGIN IMMEDIATE already keeps every other writer out)."""
+    lock = " FOR UPDATE" if is_postgres(conn) else ""
     row = conn.execute(
-        "SELECT unit, token_remaining, topup_remaining, markup FROM accounts WHERE id = ?", (account_id,)
+        "SELECT unit, token_remaining, topup_remaining, markup FROM accounts WHERE id = ?" + lock, (account_id,)
     ).fetchone()
     if row is None:
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no account {account_id}")
@@ -237,7 +240,7 @@ def history(conn: Connection, account_id: str) -> dict[str, Any]:
             (account_id,),
         )
     ]
-    total = sum(e["amount"] for e in entries) + sum(u["amount"] for u in used)  # type: ignore[misc]
+    total = sum(e["amount"] for e in entries) + sum(u["amount"] for u in used)
     result: dict[str, Any] = {
         "account_id": account_id, "unit": unit, "balance": plan + topup, "sum": total, "entries": entries,
         "usage": used,
@@ -245,7 +248,7 @@ def history(conn: Connection, account_id: str) -> dict[str, Any]:
     if unit == USD:
         result["balance_usd"] = format_usd(plan + topup)
         for item in (*entries, *used):
-            item["amount_usd"] = format_usd(item["amount"])  # type: ignore[arg-type]
+            item["amount_usd"] = format_usd(item["amount"])
     return result
 
 

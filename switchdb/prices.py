@@ -18,7 +18,15 @@ from datetime import UTC, datetime
 import attrs
 
 from common.errors import ErrorCode, SwitchError
-from common.pricing import DEFAULT_PRICES, PRICE_TYPES, ModelPrices, PriceBook, check_model_name, default_book
+from common.pricing import (  # book_from_json: the wire format's reader, shared with switchd
+    DEFAULT_PRICES,
+    PRICE_TYPES,
+    ModelPrices,
+    PriceBook,
+    book_from_json as book_from_json,
+    check_model_name,
+    default_book,
+)
 from switchdb.db import Connection, utc_now
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,8 @@ def _read(conn: Connection) -> tuple[tuple[tuple[object, ...], ...], tuple[tuple
 def _build(rows: tuple[tuple[object, ...], ...], settings: tuple[tuple[str, str], ...]) -> PriceBook:
     models = {}
     for model, *rest in rows:
-        rates = {name: None if value is None else int(value) for name, value in zip(PRICE_TYPES, rest)}  # type: ignore[call-overload]
+        values = rest[: len(PRICE_TYPES)]
+        rates = {name: None if v is None else int(v) for name, v in zip(PRICE_TYPES, values, strict=True)}  # type: ignore[call-overload]
         as_of, source, note = rest[len(PRICE_TYPES):]
         models[str(model)] = ModelPrices(**rates, as_of=str(as_of), source=str(source), note=str(note))
     named = dict(settings)
@@ -146,7 +155,8 @@ def set_fallback(conn: Connection, model: str, transcription: bool = False) -> P
     check_model_name(model)
     name = TRANSCRIPTION_FALLBACK if transcription else FALLBACK
     conn.execute(
-        "INSERT INTO ledger_settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "INSERT INTO ledger_settings (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         (name, model),
     )
     return _checked(conn)
@@ -176,7 +186,10 @@ def _book_json_cached(book: PriceBook) -> str:
         {
             "fallback": book.fallback,
             "transcription_fallback": book.transcription_fallback,
-            "models": {name: dict(zip(PRICE_TYPES, _rates(prices))) for name, prices in sorted(book.models.items())},
+            "models": {
+                name: dict(zip(PRICE_TYPES, _rates(prices), strict=True))
+                for name, prices in sorted(book.models.items())
+            },
         },
         separators=(",", ":"),
     )
@@ -184,16 +197,6 @@ def _book_json_cached(book: PriceBook) -> str:
         _json_cache.clear()
     _json_cache[id(book)] = (book, text)
     return text
-
-
-def book_from_json(text: str) -> PriceBook:
-    """`book_json`'s text as a PriceBook (what switchd does with it); raises SwitchError when malformed."""
-    try:
-        data = json.loads(text)
-        models = {name: ModelPrices(**rates) for name, rates in data["models"].items()}
-        return PriceBook(models, fallback=data["fallback"], transcription_fallback=data["transcription_fallback"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "malformed price book") from None
 
 
 def price_rows(book: PriceBook) -> list[dict[str, object]]:

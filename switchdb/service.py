@@ -8,6 +8,7 @@ connection. `run_summariser` is the background task that shortens long conversat
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -45,10 +46,6 @@ class Outcome(NamedTuple):
 _NO_OUTCOME = Outcome(ErrorCode.INTERNAL_ERROR, message="not handled")
 
 
-def attrs_of(account: accounts.Account) -> tuple[object, ...]:
-    return (account.id, account.email, account.plan_name, account.token_remaining, account.topup_remaining,
-            account.status, account.created_at, account.unit, account.markup)
-
 
 def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -> tuple[Outcome, str]:
     """VALIDATE_AND_LOAD without its one write: (outcome, hash of the key to mark used)."""
@@ -58,7 +55,7 @@ def _load_validated(conn: Connection, api_key: str, session_id: str, now: str) -
         account, key_hash, restore = secrets.load(conn, api_key, session_id, now)
         row = conn.execute("SELECT unit, markup FROM accounts WHERE id = ?", (account.id,)).fetchone()
         if row is not None and row[0] != account.unit:
-            account = accounts.Account(*attrs_of(account)[:7], str(row[0]), int(row[1]))
+            account = dataclasses.replace(account, unit=str(row[0]), markup=int(row[1]))
     else:
         account, key_hash, found = accounts.find_usable_key_and_session(conn, api_key, session_id, now)
         stored, conversation = found.get(sessions.SESSION), found.get(sessions.CONV)

@@ -12,11 +12,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from common.errors import ErrorCode, SwitchError
 from common.limits import MAX_REPORT_MS, MAX_REPORT_TOKENS
-from common.pricing import batch_cost, charge, log_fallbacks
+from common.pricing import TOKEN_TYPES, batch_cost, charge, log_fallbacks
 from common.usage import UsageTotals, duration_ms
 from switchdb import prices
 from switchdb.db import Connection, is_postgres
@@ -107,7 +107,12 @@ def get_credits(conn: Connection, account_id: str) -> int:
 Row = tuple[str, str, str, str, str, int, int, int, int, int, int, int, int, int, float, int, int]
 # A row whose batch holds more than its columns: the same, and the batch's UsageTotals last.
 DetailedRow = tuple[str, str, str, str, str, int, int, int, int, int, int, int, int, int, float, int, int, UsageTotals]
-BATCH_ID, ACCOUNT_ID, MODEL, TOKENS, EXTRA = 0, 1, 4, 16, 17
+# Final: mypy then knows each index's type in a Row.
+BATCH_ID: Final = 0
+ACCOUNT_ID: Final = 1
+MODEL: Final = 4
+TOKENS: Final = 16
+EXTRA: Final = 17
 
 # SQLite integers are 64-bit; a larger count could not be stored (nor deducted) exactly.
 MAX_COUNT = 2**63 - 1
@@ -232,7 +237,7 @@ def totals_of(row: Sequence[Any]) -> UsageTotals:
     """The UsageTotals a row (or its BASE_COLUMNS as read back) was made from, as far as it priced it."""
     extra = row[EXTRA] if len(row) > EXTRA else None
     if extra is not None:
-        return extra  # type: ignore[no-any-return]
+        return extra
     return UsageTotals(
         int(row[5]), int(row[6]), int(row[8]), int(row[9]), int(row[10]), int(row[11]), int(row[12]), int(row[13]),
         int(row[7]), float(row[14]), int(row[15]),
@@ -269,7 +274,10 @@ def _costs(conn: Connection, rows: Sequence[Row]) -> list[int | SwitchError]:
                 key = row[MODEL : TOKENS]
                 found = memo.get(key)
                 if found is None:
-                    found = memo[key] = _price(book, row[MODEL], totals_of(row))
+                    found = _plain_cost(book, row)
+                    if found is None:
+                        found = _price(book, row[MODEL], totals_of(row))
+                    memo[key] = found
                 cost = found
             else:
                 cost = _price(book, row[MODEL], row[EXTRA])  # type: ignore[misc]
@@ -277,6 +285,51 @@ def _costs(conn: Connection, rows: Sequence[Row]) -> list[int | SwitchError]:
             cost = exc
         costs.append(cost)
     return costs
+
+
+_rates_of: tuple[object, dict[str, tuple[int | None, ...] | None]] = (None, {})
+
+
+def _model_rates(book: prices.PriceBook, model: str) -> tuple[int | None, ...] | None:
+    """The token rates (TOKEN_TYPES order) of the book's own entry for `model`, None when it has none."""
+    global _rates_of
+    owner, rates = _rates_of
+    if owner is not book:
+        rates = {}
+        _rates_of = (book, rates)
+    if model not in rates:
+        found = book.lookup(model)
+        if len(rates) > 1000:
+            rates.clear()
+        rates[model] = None if found is None else tuple(getattr(found[1], name) for name in TOKEN_TYPES)
+    return rates[model]
+
+
+def _plain_cost(book: prices.PriceBook, row: Row) -> int | None:
+    """`batch_cost` of a row without details, the common case, worked out directly; None where
+    that needs more (transcription, a model or rate the book lacks, a count beyond its maximum):
+    the caller then asks `batch_cost` itself. The same attribution as `common.pricing.breakdown`."""
+    inp, out, transcription, text, audio, image, cached, out_text, out_audio = row[5:14]
+    if transcription or row[14]:
+        return None
+    rates = _model_rates(book, row[MODEL])
+    if rates is None:
+        return None
+    text += max(0, inp - text - audio - image)
+    cached_text = min(cached, text)
+    cached_image = min(cached - cached_text, image)
+    cached_audio = min(cached - cached_text - cached_image, audio)
+    counts = (
+        text - cached_text, cached_text, out_text + max(0, out - out_text - out_audio),
+        audio - cached_audio, cached_audio, out_audio, image - cached_image, cached_image,
+    )
+    total = 0
+    for n, rate in zip(counts, rates, strict=True):
+        if n:
+            if rate is None or n > MAX_REPORT_TOKENS:
+                return None
+            total += n * rate
+    return total
 
 
 def _price(book: prices.PriceBook, model: str, totals: UsageTotals) -> int:
@@ -328,7 +381,7 @@ def _all_new(
         amounts = [row[TOKENS] for row in rows]
     after: dict[str, int] = {}
     results: list[int | SwitchError] = []
-    for row, amount in zip(rows, amounts):
+    for row, amount in zip(rows, amounts, strict=True):
         account_id = row[ACCOUNT_ID]
         balance = after[account_id] = after.get(account_id, balances[account_id]) - amount
         results.append(balance)
@@ -348,7 +401,7 @@ def _amounts(
     at the account's price, 0 for an unknown account or an unpriced row)."""
     amounts: list[int | SwitchError] = []
     charged: list[int] = []
-    for row, cost in zip(rows, costs):
+    for row, cost in zip(rows, costs, strict=True):
         account = accounts.get(row[ACCOUNT_ID])
         if isinstance(cost, SwitchError) or account is None:
             amounts.append(cost if isinstance(cost, SwitchError) else 0)
@@ -510,7 +563,7 @@ def _record_rows_pg(
             counted.add(batch_id)
             balance[account_id] -= amounts[i]  # type: ignore[operator]
         elif batch_id not in inserted and isinstance(amounts[i], SwitchError):
-            results.append(amounts[i])  # type: ignore[arg-type]
+            results.append(amounts[i])
             continue
         results.append(balance[account_id])
     return _usd_results(rows, results, costs, accounts)

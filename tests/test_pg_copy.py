@@ -63,7 +63,8 @@ async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str
     done = cli(tmp_path, both, "copy", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["copied"] == {"accounts": 2, "api_keys": 3, "sessions": 3, "usage_metrics": 2, "client_secrets": 1}
+    assert report["copied"] == {"accounts": 2, "api_keys": 3, "sessions": 3, "usage_metrics": 2, "client_secrets": 1,
+                                "credit_entries": 2}
     text = cli(tmp_path, both, "copy")  # refused now: the target holds accounts
     assert text.returncode == 1 and text.stdout == ""
     assert text.stderr.count("\n") == 1 and "already holds 2 accounts" in text.stderr

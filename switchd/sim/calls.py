@@ -226,13 +226,18 @@ class Call:
                 async def watch_end() -> None:
                     await self.ended.wait()
                     nursery.cancel_scope.cancel()
+
+                async def read() -> None:
+                    try:
+                        while True:
+                            message = await ws.get_message()
+                            if isinstance(message, str):
+                                self.receive(message)
+                    except ConnectionClosed:
+                        nursery.cancel_scope.cancel()
+
                 nursery.start_soon(watch_end)
-                while True:
-                    message = await ws.get_message()
-                    if isinstance(message, str):
-                        self.receive(message)
-        except ConnectionClosed:
-            pass
+                nursery.start_soon(read)
         finally:
             self.sidebands.discard(ws)
 
@@ -341,6 +346,9 @@ async def _connection(
         await stream.send_all(response)
     except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    except Exception:
+        # As in server._handle: one connection's failure must not stop the simulator.
+        log.exception("simulated connection failed")
     finally:
         await trio.aclose_forcefully(stream)
 

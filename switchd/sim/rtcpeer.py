@@ -20,11 +20,25 @@ from aiortc.mediastreams import AudioStreamTrack
 
 log = logging.getLogger("switchd.sim.rtcpeer")
 MAX_LINE = 16 * 1024 * 1024
+DRAIN_S = 2.0
 
 
 def _emit(**message: Any) -> None:
     sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+async def _drain(pc: RTCPeerConnection, channel: RTCDataChannel) -> None:
+    """Let what was sent before a hangup reach the browser, as the provider's last events do: the
+    close (an SCTP abort) would otherwise overtake data still queued or unacknowledged. aiortc has
+    no event for "all acknowledged", so its queues are looked at, for DRAIN_S at most."""
+    sctp: Any = pc.sctp
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
+    while loop.time() < deadline:
+        if not (channel.bufferedAmount or getattr(sctp, "_outbound_queue", None) or getattr(sctp, "_sent_queue", None)):
+            return
+        await asyncio.sleep(0.01)
 
 
 class Peers:
@@ -79,7 +93,9 @@ class Peers:
 
     async def hangup(self, call: str) -> None:
         pc = self.calls.pop(call, None)
-        self.channels.pop(call, None)
+        channel = self.channels.pop(call, None)
+        if pc is not None and channel is not None:
+            await _drain(pc, channel)
         if pc is not None:
             await pc.close()
         self._ended(call)
