@@ -88,6 +88,7 @@ async def run(env: dict[str, str], demo: dict[str, str], logs: dict[str, BinaryI
             say("")
             say(f"Realtime Switch is up. Connect a client to:\n  {client_url}")
             say(f"Try it:  {BIN / 'python'} -m switchd.democlient '{client_url}'")
+            say(f"The admin CLI, on this store:  DB_PATH={env['DB_PATH']} {BIN / 'switchdb'} account list")
             say("Logs in var/*.log. Ctrl-C stops everything.")
             async with trio.open_nursery() as nursery:
                 for proc in procs:

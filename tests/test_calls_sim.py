@@ -74,6 +74,8 @@ async def test_a_call_connects_its_data_channel_and_sideband_carry_the_session()
                 async with sideband(port, call_id, "ek_abc"):
                     pass
             assert refused.value.status_code == 404
+            async with sideband(port, call_id):
+                pass  # a sideband that leaves first: the call and the simulator go on
             async with sideband(port, call_id) as side:
                 # A client event on the data channel; its response on both, usage included.
                 await peer.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
