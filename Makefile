@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(BIN)/python -m switchd.devrun
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Type check and lint the daemons and their shared package (configured in pyproject.toml).

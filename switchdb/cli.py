@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(
-        group: argparse._SubParsersAction, name: str, run: Callable[..., None], help: str  # type: ignore[type-arg]
+        group: argparse._SubParsersAction, name: str, run: Callable[..., None], help: str
     ) -> argparse.ArgumentParser:
         sub = group.add_parser(name, parents=[shared], help=help, description=help)
         sub.set_defaults(run=run)
@@ -425,7 +425,7 @@ def _operator_error(exc: BaseException) -> str | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    command = getattr(args, "run", cmd_serve)
+    command: Callable[..., None] = getattr(args, "run", cmd_serve)
     if command is cmd_ping:
         return cmd_ping(args)
     if command is cmd_serve:

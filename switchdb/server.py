@@ -442,8 +442,8 @@ def _replies(
 ) -> list[list[bytes]]:
     """The reply frames for `batch` (and the logging, and the summaries asked for)."""
     replies = []
-    for (identity, request_id, request), outcome in zip(batch, outcomes):
-        if type(outcome) is int:  # a usage batch recorded: the balance after it
+    for (identity, request_id, request), outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, int):  # a usage batch recorded: the balance after it
             replies.append([identity, request_id, _OK, b"%d" % outcome])
             continue
         if type(request) is not Request:  # a usage batch refused, or recorded for a USD account

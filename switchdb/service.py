@@ -239,7 +239,7 @@ def _record(conn: Connection, run: list[tuple[int, usage.Row]], results: list[Re
         log.exception("%s failed", MessageType.RECORD_USAGE)
         results[run[0][0]] = Outcome(ErrorCode.INTERNAL_ERROR, message="internal error")
         return
-    for (i, _), result in zip(run, recorded):
+    for (i, _), result in zip(run, recorded, strict=True):
         results[i] = _usage_result(result)
 
 

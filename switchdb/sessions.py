@@ -72,8 +72,9 @@ def restored_session(stored: str | None, conversation: str | None) -> str:
     """
     if not conversation:
         return stored or ""
-    update = json.loads(stored) if stored else {"type": "session.update", "session": {"type": "realtime"}}
-    session = update.setdefault("session", {})
+    fresh = {"type": "session.update", "session": {"type": "realtime"}}
+    update: dict[str, Any] = json.loads(stored) if stored else fresh
+    session: dict[str, Any] = update.setdefault("session", {})
     base = session.get("instructions")
     session["instructions"] = strip_context(base if isinstance(base, str) else "") + MARKER + truncate_conversation(
         conversation
