@@ -27,6 +27,9 @@ class MessageType(StrEnum):
     # Client secrets (issue 17): mint one for a key; read a usable one's session config.
     MINT_SECRET = "MINT_SECRET"
     SECRET_CONFIG = "SECRET_CONFIG"
+    CHECK_SECRET = "CHECK_SECRET"  # a started session's secret: usable but for its expiry
+    # A session's lease on its account's balance (issue 16): set it, get what is granted.
+    LEASE = "LEASE"
 
 
 ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
@@ -38,6 +41,8 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.PING: (),
     MessageType.MINT_SECRET: ("api_key", "seconds", "session_json"),
     MessageType.SECRET_CONFIG: ("secret",),
+    MessageType.CHECK_SECRET: ("secret",),
+    MessageType.LEASE: ("account_id", "lease_key", "amount"),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
 # Looked up per message: a dict is several times cheaper than calling the enum.

@@ -24,11 +24,12 @@ import trio
 from common.dbclient import DbClient
 from common.errors import ErrorCode, SwitchError
 from common.pricing import batch_cost, charge, log_fallbacks
-from common.replies import Pricing, Recorded
+from common.replies import Pricing, Recorded, Validated
 from common.usage import UsageTotals
 from common.wire import MessageType
 from switchd.journal import Batch, Journal, Report, check_fsync, find_orphans, new_batches
 from switchd.metering import meter
+from switchd.metrics import Metrics
 from switchd.upstream import backoff
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ _FALLBACKS_LOGGED: set[str] = set()  # unknown models priced by the fallback: ea
 
 BATCH_REPORTS = 5
 FLUSH_INTERVAL_S = 2.0
+# Leases (switchdb.leases): a session asks for enough for LEASE_RESPONSES of the largest report it
+# has seen, and no less than the floor of its unit (about a long spoken answer: 4,000 tokens, or
+# 10 US cents in nano-USD), so a busy session renews every few responses rather than every one,
+# while a small balance still spreads over several sessions. It renews when less than half is
+# left, after every recorded batch (so switchdb stops counting what it has recorded twice), and
+# every RENEW_S while idle (switchdb voids a lease after 30 s).
+LEASE_RESPONSES = 4
+LEASE_FLOOR = {"tokens": 4_000, "usd": 100_000_000}
+RENEW_S = 10.0
+LEASE_WAIT_S = 5.0  # how long a session whose lease is spent waits for a renewal before it is cut
 OUTBOX_WORKERS = 8
 # Replies that say the batch itself can never be recorded: kept aside as rejected. Anything else
 # (INTERNAL_DB_UNAVAILABLE, INTERNAL_ERROR, a storage error, a code this build does not know) is retried.
@@ -45,7 +56,7 @@ PERMANENT = frozenset({
     ErrorCode.EXTERNAL_BAD_PARAMS, ErrorCode.EXTERNAL_NOT_FOUND,
 })
 
-__all__ = ["Batch", "Ledger", "Outbox", "record", "run_batcher"]
+__all__ = ["Batch", "Ledger", "Outbox", "open_lease", "record", "run_batcher"]
 
 
 class Ledger:
@@ -57,7 +68,7 @@ class Ledger:
 
     def __init__(
         self, account_id: str, session_id: str, model: str, credits: int, journal: Journal | None = None,
-        pricing: Pricing | None = None,
+        pricing: Pricing | None = None, lease_key: str = "", metrics: Metrics | None = None,
     ) -> None:
         self.account_id = account_id
         self.session_id = session_id
@@ -71,6 +82,40 @@ class Ledger:
         self.inflight: Batch | None = None  # taken, sent, not yet acknowledged
         self.wake = trio.Event()  # set on the first pending report and when a batch is full
         self._seqs: list[int] = []  # the journal's numbers of the reports in `totals`
+        # With a lease (`lease_key`), `credits` is what is left of it; without, a local copy of the balance.
+        self.lease_key = lease_key
+        self.metrics = metrics
+        self.spent = 0  # everything this session has taken off the balance
+        self.recorded = 0  # the part of `spent` switchdb has acknowledged
+        self.inflight_spend = 0  # what the batch in flight takes
+        self.largest = 0  # the largest single report's spend
+        self.renew = trio.Event()  # set when the lease should be renewed now
+        self.renewed = trio.Event()  # set (and replaced) when a renewal is answered
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.pricing is None else "usd"
+
+    def lease_size(self) -> int:
+        """What to hold beyond what is spent and not yet recorded."""
+        return max(LEASE_FLOOR[self.unit], LEASE_RESPONSES * self.largest)
+
+    def leased(self, granted: int, recorded_before: int) -> None:
+        """A renewal's answer: `granted` covers all spending since `recorded_before` was recorded."""
+        self.credits = granted - (self.spent - recorded_before)
+        self.renewed.set()
+        self.renewed = trio.Event()
+
+    async def refill(self) -> bool:
+        """Whether the session may go on once its credits are spent: with a lease, after one more renewal."""
+        if self.credits > 0:
+            return True
+        if not self.lease_key:
+            return False
+        with trio.move_on_after(LEASE_WAIT_S):
+            self.renew.set()
+            await self.renewed.wait()
+        return self.credits > 0
 
     def add(self, event: Mapping[str, object]) -> int:
         """Meter a usage event into the totals and journal it; returns the tokens it deducts.
@@ -100,12 +145,20 @@ class Ledger:
             log.warning("usage report not priced: %s", exc.message)
             return 0
         log_fallbacks(priced, _FALLBACKS_LOGGED)
-        return charge(priced.nano_usd, self.pricing.markup)
+        charged = charge(priced.nano_usd, self.pricing.markup)
+        if self.metrics is not None:
+            self.metrics.cost_nano_usd += priced.nano_usd
+            self.metrics.charged_nano_usd += charged
+        return charged
 
     def added(self, spend: int) -> None:
         """Account for a report just added to `totals`: `spend` in the account's unit."""
         self.credits -= spend
         self.pending += spend
+        self.spent += spend
+        self.largest = max(self.largest, spend)
+        if self.lease_key and self.credits * 2 < self.lease_size():
+            self.renew.set()
         if self.totals.reports == 1 or self.totals.reports >= BATCH_REPORTS:
             self.wake.set()
 
@@ -120,13 +173,21 @@ class Ledger:
             self.journal.batch(batch, tuple(self._seqs))
         self._seqs = []
         self.totals = UsageTotals()
-        self.pending = 0
+        self.inflight_spend, self.pending = self.pending, 0
         self.wake = trio.Event()
         return batch
 
     def acknowledged(self, credits: int) -> None:
         # switchdb's balance already includes the batch; reports added since are still ours to subtract.
-        self.credits = credits - self.pending
+        self.recorded += self.inflight_spend
+        self.inflight_spend = 0
+        if not self.lease_key:
+            self.credits = credits - self.pending
+            return
+        # Never more than the account holds (an adjustment may have lowered it); the lease is
+        # renewed so switchdb stops counting the batch in it as well as in the balance.
+        self.credits = min(self.credits, credits - self.pending)
+        self.renew.set()
 
 
 async def record(db: DbClient, batch: Batch, journal: Journal | None = None) -> int:
@@ -156,7 +217,15 @@ async def record(db: DbClient, batch: Batch, journal: Journal | None = None) -> 
 
 
 async def run_batcher(ledger: Ledger, db: DbClient) -> None:
-    """A session task: flush every BATCH_REPORTS reports, and FLUSH_INTERVAL_S after the first pending one."""
+    """A session task: flush every BATCH_REPORTS reports, and FLUSH_INTERVAL_S after the first pending
+    one; and with a lease, keep it renewed."""
+    async with trio.open_nursery() as nursery:
+        if ledger.lease_key:
+            nursery.start_soon(run_leases, ledger, db)
+        await _flush(ledger, db)  # returns only by raising
+
+
+async def _flush(ledger: Ledger, db: DbClient) -> None:
     while True:
         await ledger.wake.wait()
         with trio.move_on_after(FLUSH_INTERVAL_S):
@@ -171,8 +240,61 @@ async def run_batcher(ledger: Ledger, db: DbClient) -> None:
             ledger.journal.ack(ledger.inflight.batch_id)
         ledger.inflight = None
         ledger.acknowledged(credits)
-        if ledger.credits <= 0:
+        if ledger.credits <= 0 and not await ledger.refill():
             raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
+
+
+def new_lease_key() -> str:
+    return uuid.uuid4().hex
+
+
+async def request_lease(db: DbClient, account_id: str, lease_key: str, amount: int) -> int:
+    """LEASE: set the session's lease to at most `amount`; returns what switchdb granted."""
+    fields = await db.request(MessageType.LEASE, account_id, lease_key, str(max(0, amount)))
+    try:
+        return int(fields[0])
+    except (IndexError, ValueError):
+        raise SwitchError(ErrorCode.INTERNAL_MALFORMED_MESSAGE, "a LEASE reply without an amount") from None
+
+
+async def open_lease(db: DbClient, account: Validated) -> tuple[Validated, str]:
+    """The first lease of a session about to open: (the account with the lease as its balance, the
+    lease's key). Raises EXTERNAL_NO_CREDITS when none can be had, for a 402 at the handshake."""
+    key = new_lease_key()
+    unit = "tokens" if account.pricing is None else "usd"
+    granted = await request_lease(db, account.account_id, key, LEASE_FLOOR[unit])
+    if granted <= 0:
+        raise SwitchError(
+            ErrorCode.EXTERNAL_NO_CREDITS,
+            "no credits left: the balance is spent, or held by the account's open sessions",
+        )
+    return attrs.evolve(account, balance=granted), key
+
+
+async def run_leases(ledger: Ledger, db: DbClient) -> None:
+    """A session task: renew its lease when asked (low, or a batch recorded) and every RENEW_S;
+    at the end, leave in it only what is spent and not recorded yet (the outbox records that)."""
+    try:
+        while True:
+            with trio.move_on_after(RENEW_S):
+                await ledger.renew.wait()
+            ledger.renew = trio.Event()
+            recorded = ledger.recorded
+            wanted = ledger.spent - recorded + ledger.lease_size()
+            try:
+                granted = await request_lease(db, ledger.account_id, ledger.lease_key, wanted)
+            except SwitchError as exc:  # the session goes on with what it holds; cut only once it is spent
+                log.warning("lease not renewed (%s)", exc.code)
+                ledger.renewed.set()
+                ledger.renewed = trio.Event()
+                continue
+            ledger.leased(granted, recorded)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(LEASE_WAIT_S):
+            try:
+                await request_lease(db, ledger.account_id, ledger.lease_key, ledger.spent - ledger.recorded)
+            except SwitchError as exc:  # it expires by itself
+                log.info("lease not released (%s)", exc.code)
 
 
 def spool_lines(batches: list[Batch]) -> str:

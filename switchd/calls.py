@@ -26,13 +26,16 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 import trio
 
 from common.errors import ErrorCode, SwitchError
+from common.replies import Pricing, Validated
 from common.wire import MessageType
 from switchd import http_api
 from switchd import secrets as client_secrets
 from switchd.billing import Ledger, run_batcher
 from switchd.handshake import SESSION_ID
 from switchd.metering import USAGE_TYPES, upstream_event
-from switchd.session import CHECKPOINT_CHARS, CLEANUP_S, UPSTREAM_CONNECT_TIMEOUT_S, UPSTREAM_MAX_MESSAGE, Switch
+from switchd.session import (
+    ACCOUNT_CHECK_S, CHECKPOINT_CHARS, CLEANUP_S, UPSTREAM_CONNECT_TIMEOUT_S, UPSTREAM_MAX_MESSAGE, Switch,
+)
 from switchd.transcript import Conversation
 from switchd.wsio import Closed, ConnectError, connect
 from switchd.ws_codec import HttpHead, parse_head
@@ -212,8 +215,8 @@ async def client_hangup(switch: Switch, key: str, call_id: str) -> bytes:
     call = CALLS.get(call_id)
     if call is None or call.ended.is_set():
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, "No session found for the provided call_id")
-    account_id, _, _ = await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, call.session_id)
-    if account_id != call.account_id:
+    account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, call.session_id))
+    if account.account_id != call.account_id:
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, "No session found for the provided call_id")
     await hang_up(switch, call_id)
     call.end("client hangup")
@@ -284,20 +287,22 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     session_id = _session_id(request_target)
     if switch.shutdown.is_set():
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
-    account_id, credits, restore = await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id)
+    account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id))
+    account_id = account.account_id
     secret_config = None
     if client_secrets.is_secret(key):
         (config_json,) = await switch.db.request(MessageType.SECRET_CONFIG, key)
         secret_config = json.loads(config_json) if config_json else {}
-    session = call_session_config(restore, request.session, secret_config, default_model(switch.settings.upstream_url))
+    session = call_session_config(account.restore, request.session, secret_config,
+                                  default_model(switch.settings.upstream_url))
     multipart_type, payload = multipart_body(request.sdp, session)
     status, head, answer = await provider_post(switch, http_api.CALLS_PATH, multipart_type, payload)
     if status != 201:
         raise _provider_error(status, answer)
     call_id = http_api.call_id_from_location((head.get(b"location") or b"").decode("latin-1"))
     model = session.get("model") or _transcription_model(session) or default_model(switch.settings.upstream_url)
-    call = CallSession(switch, call_id, key, account_id, session_id, str(model), int(credits),
-                       str(session.get("type", "realtime")))
+    call = CallSession(switch, call_id, key, account_id, session_id, str(model), account.balance,
+                       str(session.get("type", "realtime")), account.pricing)
     CALLS[call_id] = call
     log.info("call %s created", call_id, extra={"account": account_id, "session": session_id})
     try:
@@ -321,10 +326,10 @@ class CallSession:
     """One WebRTC call as a session of its own: the sideband read, metered and remembered."""
 
     def __init__(self, switch: Switch, call_id: str, key: str, account_id: str, session_id: str, model: str,
-                 credits: int, kind: str = "realtime") -> None:
+                 balance: int, kind: str = "realtime", pricing: Pricing | None = None) -> None:
         self.switch, self.call_id, self.key, self.kind = switch, call_id, key, kind
         self.account_id, self.session_id = account_id, session_id
-        self.ledger = Ledger(account_id, session_id, model, credits, journal=switch.outbox.journal)
+        self.ledger = Ledger(account_id, session_id, model, balance, journal=switch.outbox.journal, pricing=pricing)
         self.conversation = Conversation()
         self.ended = trio.Event()
         self.reason = ""
@@ -346,6 +351,7 @@ class CallSession:
                 nursery.start_soon(self._read_sideband, nursery.cancel_scope)
                 nursery.start_soon(run_batcher, self.ledger, self.switch.db)
                 nursery.start_soon(self._watch, nursery.cancel_scope)
+                nursery.start_soon(self._watch_account)
         except* SwitchError as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup):
@@ -400,6 +406,22 @@ class CallSession:
             await self.ended.wait()
             nursery.cancel_scope.cancel()
         done.cancel()
+
+    async def _watch_account(self) -> None:
+        """As a WebSocket session: a revoked or expired key (a secret: revoked, or its key), or a
+        suspended account, ends the call. A secret's own expiry does not: it only limits new calls."""
+        secret = client_secrets.is_secret(self.key)
+        while True:
+            await trio.sleep(ACCOUNT_CHECK_S)
+            try:
+                if secret:
+                    await self.switch.db.request(MessageType.CHECK_SECRET, self.key)
+                else:
+                    await self.switch.db.request(MessageType.VALIDATE_AND_LOAD, self.key, self.session_id)
+            except SwitchError as exc:
+                if exc.code == ErrorCode.EXTERNAL_INVALID_AUTH:
+                    raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH,
+                                      "The key was revoked or has expired, or the account is suspended.") from None
 
     async def _read_sideband(self, done: trio.CancelScope) -> None:
         settings = self.switch.settings

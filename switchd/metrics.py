@@ -33,6 +33,10 @@ class Metrics:
     bytes_out: int = 0
     tokens_metered: int = 0
     credit_cutoffs: int = 0
+    # USD accounts' reports as switchd prices them (token accounts are not priced here): at list
+    # price, and at the accounts' prices (× markup). Totals only: per account would be unbounded.
+    cost_nano_usd: int = 0
+    charged_nano_usd: int = 0
     upstream_reconnects: int = 0
     usage_batches_spooled: int = 0
     rtt_counts: list[int] = attrs.Factory(lambda: [0] * (len(RTT_BUCKETS) + 1))
@@ -61,6 +65,11 @@ class Metrics:
                 ('{direction="upstream_to_client"}', self.bytes_out)])
         metric("switch_tokens_metered_total", "counter", "Tokens metered from provider usage reports.",
                [("", self.tokens_metered)])
+        metric("switch_cost_nano_usd_total", "counter",
+               "Cost at list price of the usage reports of USD accounts, in nano-USD.", [("", self.cost_nano_usd)])
+        metric("switch_charged_nano_usd_total", "counter",
+               "What USD accounts were charged for their usage reports (list price x markup), in nano-USD.",
+               [("", self.charged_nano_usd)])
         metric("switch_credit_cutoffs_total", "counter", "Sessions cut off for lack of credits.",
                [("", self.credit_cutoffs)])
         metric("switch_upstream_reconnects_total", "counter", "Upstream reconnect attempts.",

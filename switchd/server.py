@@ -24,6 +24,7 @@ from common.config import Settings
 from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
 from common.replies import Validated
+from switchd.billing import open_lease
 from common.wire import MessageType
 from switchd.accept import ResourceAlarm, can_open_socket, serve_accepting
 from switchd.billing import Outbox
@@ -129,6 +130,7 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
         account = Validated.decode(
             await switch.db.request(MessageType.VALIDATE_AND_LOAD, params.key, params.session_id)
         )
+        account, lease_key = await open_lease(switch.db, account)  # none to be had: 402
     except BaseException as exc:
         metrics.sessions_open -= 1  # before answering: the client may retry at once
         if not isinstance(exc, SwitchError):
@@ -141,7 +143,7 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
         metrics.sessions_total += 1
         log.info("session open %s", redact(target), extra={"account": account.account_id, "session": params.session_id})
         client = WsConnection(stream, bytes(rest), server=True, max_message=_hard_limit(settings))
-        await Session(switch, client, params, account).run()
+        await Session(switch, client, params, account, lease_key).run()
     finally:
         metrics.sessions_open -= 1
 

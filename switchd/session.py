@@ -73,7 +73,7 @@ class Switch:
 
 class Session:
     def __init__(
-        self, switch: Switch, client: WsConnection, params: ClientParams, account: Validated,
+        self, switch: Switch, client: WsConnection, params: ClientParams, account: Validated, lease_key: str = "",
     ) -> None:
         self.switch = switch
         self.client = client
@@ -82,7 +82,8 @@ class Session:
         self.restore = account.restore  # the stored session.update, sent first on every upstream connect
         self.url = upstream_url(switch.settings.upstream_url, params.model)
         self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), account.balance,
-                             journal=switch.outbox.journal, pricing=account.pricing)
+                             journal=switch.outbox.journal, pricing=account.pricing, lease_key=lease_key,
+                             metrics=switch.metrics)
         self.conversation = Conversation()
         self.up: WsConnection | None = None  # the open upstream, once restored and drained
         self.pending: list[bytes] = []  # client frames (as masked bytes) waiting for an upstream
@@ -320,7 +321,7 @@ class Session:
                     metrics.tokens_metered += ledger.add(event)
                 if await self._act(event, text, reconnected):
                     frames.append(message.frame)
-                if usage and ledger.credits <= 0:
+                if usage and ledger.credits <= 0 and not await ledger.refill():
                     await self._to_client(frames)
                     raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
                 self.conversation.observe(event)

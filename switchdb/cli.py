@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from common.config import Settings, load_settings, read_env_file
 from common.errors import ErrorCode, SwitchError
 from common.logs import setup_logging
-from switchdb import accounts, ledger, ledger_cli, sessions, usage
+from switchdb import accounts, ledger, cli_ledger, sessions, usage
 from switchdb.db import (
     Connection,
     applied_migrations,
@@ -128,8 +128,8 @@ def cmd_migrate(args: argparse.Namespace, conn: Connection, applied_now: list[st
 
 
 def cmd_account_create(args: argparse.Namespace, conn: Connection) -> None:
-    usd = None if args.usd is None else ledger_cli.parse_usd(args.usd, name="--usd")
-    markup = ledger.DEFAULT_MARKUP if args.markup is None else ledger_cli.parse_markup(args.markup, name="--markup")
+    usd = None if args.usd is None else cli_ledger.parse_usd(args.usd, name="--usd")
+    markup = ledger.DEFAULT_MARKUP if args.markup is None else cli_ledger.parse_markup(args.markup, name="--markup")
     with transaction(conn):
         account = accounts.create_account(conn, args.email, args.plan, args.tokens, args.topup, usd=usd, markup=markup)
     _emit(args, account.as_json(), _account_text(account))
@@ -142,7 +142,7 @@ def cmd_account_show(args: argparse.Namespace, conn: Connection) -> None:
 
 def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
-        account_id = ledger_cli.account_id(conn, args.account)
+        account_id = cli_ledger.account_id(conn, args.account)
         plaintext, key = accounts.create_key(conn, account_id, args.label, args.expires_at)
     data = {
         "key": plaintext,
@@ -161,7 +161,7 @@ def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
 
 
 def cmd_key_list(args: argparse.Namespace, conn: Connection) -> None:
-    keys = accounts.list_keys(conn, ledger_cli.account_id(conn, args.account))
+    keys = accounts.list_keys(conn, cli_ledger.account_id(conn, args.account))
     _emit(args, {"keys": [k.as_json() for k in keys]}, "\n".join(map(_key_text, keys)) or "no keys")
 
 
@@ -389,13 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     credits = commands.add_parser("credits", help="credits").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
-    sub = command(credits, "topup", ledger_cli.cmd_credits_topup, "add top-up tokens (or USD to a USD account)")
+    sub = command(credits, "topup", cli_ledger.cmd_credits_topup, "add top-up tokens (or USD to a USD account)")
     sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
     sub.add_argument("--tokens", type=_positive_text)
     sub.add_argument("--usd", metavar="USD")
-    ledger_cli.register(commands, account, credits, command)
+    cli_ledger.register(commands, account, credits, command)
 
-    sub = command(commands, "usage", ledger_cli.cmd_usage, "usage statement: tokens by type, cost and charge")
+    sub = command(commands, "usage", cli_ledger.cmd_usage, "usage statement: tokens by type, cost and charge")
     sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")
     sub.add_argument("--since", metavar="DATE", help="from this day (YYYY-MM-DD, UTC) or ISO 8601 time")
     sub.add_argument("--until", metavar="DATE", help="to this day, inclusive (or before this ISO 8601 time)")

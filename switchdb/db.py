@@ -301,6 +301,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0009_ledger_accounts", _ledger("ledger", "migrate_accounts")),
     ("0010_ledger_usage_cost", _ledger("ledger", "migrate_usage_cost")),
     ("0011_ledger_credit_entries", _ledger("ledger", "create_entries")),
+    ("0012_balance_leases", _ledger("leases", "create_table")),  # SQL both stores take
 ]
 
 

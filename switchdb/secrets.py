@@ -75,11 +75,14 @@ def mint(conn: Connection, api_key: str, seconds: int, session_json: str, now: s
     return plaintext, str(int(expires.timestamp())), account.id, str(account.credits)
 
 
-def find_usable_secret(conn: Connection, plaintext: str, now: str) -> tuple[accounts.Account, str, str]:
+def find_usable_secret(
+    conn: Connection, plaintext: str, now: str, allow_expired: bool = False
+) -> tuple[accounts.Account, str, str]:
     """(account, hash of the minting key, session config JSON) of a usable secret. Reads only.
 
     Raises EXTERNAL_INVALID_AUTH for an unknown, revoked or expired secret, for a secret whose
-    key is revoked or expired, and for an inactive account.
+    key is revoked or expired, and for an inactive account. `allow_expired` is for the sessions
+    a secret started, which outlive it.
     """
     rows = conn.execute(
         "SELECT s.expires_at, s.revoked_at, s.session_json, k.key_hash, k.expires_at, k.revoked_at,"
@@ -93,7 +96,7 @@ def find_usable_secret(conn: Connection, plaintext: str, now: str) -> tuple[acco
     expires_at, revoked_at, config, key_hash, key_expires, key_revoked, *account_row = rows[0]
     if revoked_at is not None:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "revoked client secret")
-    if expires_at <= now:
+    if expires_at <= now and not allow_expired:
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "expired client secret")
     if key_revoked is not None or (key_expires is not None and key_expires <= now):
         raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "the key that minted this client secret is not usable")

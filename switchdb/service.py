@@ -20,7 +20,7 @@ import trio
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MAX_MESSAGE_BYTES, OK, MessageType, Request, decode_request
-from switchdb import accounts, ledger, prices, secrets, sessions, summarise, usage
+from switchdb import accounts, leases, ledger, prices, secrets, sessions, summarise, usage
 from switchdb.db import Connection, format_time, is_postgres, is_transient, savepoint, transaction
 from switchdb.worker import Store
 
@@ -192,8 +192,13 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
             return Outcome()
         case MessageType.MINT_SECRET:
             return Outcome(OK, secrets.mint(conn, args[0], int(args[1]) if args[1].isdigit() else 0, args[2], now))
+        case MessageType.CHECK_SECRET:
+            secrets.find_usable_secret(conn, args[0], now, allow_expired=True)
+            return Outcome()
         case MessageType.SECRET_CONFIG:
             return Outcome(OK, (secrets.find_usable_secret(conn, args[0], now)[2],))
+        case MessageType.LEASE:
+            return Outcome(OK, (str(leases.lease(conn, args[0], args[1], leases.parse_amount(args[2]))),))
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 

@@ -1,6 +1,7 @@
 """WebRTC calls through the switch: an aiortc browser, switchd, switchdb and the simulator as processes."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -96,3 +97,15 @@ async def test_call_refusals(tmp_path: Path) -> None:
                 assert status == 400 and "cannot be answered" in json.loads(body)["error"]["message"]
                 status, headers, _ = await post(switch.address, "/v1/realtime/calls/rtc_x/hangup", b"", key)
                 assert status == 404 and headers[b"content-type"] == b"application/json"
+
+
+async def test_revoking_the_key_ends_the_call(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with open_stack(tmp_path) as stack, procs.sim(tmp_path, "--fast") as sim:
+            _, key = await stack.account()
+            async with stack.switchd(f"{sim.address}/v1/realtime?model=gpt-realtime") as switch:
+                calls = switch.address.replace("ws://", "http://") + "/v1/realtime/calls"
+                async with browser(calls, key) as peer:
+                    await peer.until("open")
+                    await stack.cli("key", "revoke", hashlib.sha256(key.encode()).hexdigest())
+                    await peer.until("closed")  # within the account check's period

@@ -364,7 +364,7 @@ async def test_a_batch_is_never_sent_before_it_is_journaled(tmp_path: Path, auto
     db = FakeDb([])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(record, db, batch, j)
-        await trio.sleep(30)
+        await trio.sleep(30)  # virtual time (autojump clock): the retries run meanwhile
         assert db.sent == []  # not in the journal yet: not sent
         os.close(j._fd)
         j._fd = writable  # the disk has room again

@@ -22,8 +22,8 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]]) -> None:
     """Until `predicate`, about other processes' state, holds (20 s at most)."""
     with trio.fail_after(20):
         # Their files and database: there is no event of ours to wait on.
-        while not await predicate():  # noqa: ASYNC110
-            await trio.sleep(0.02)
+        while not await predicate():
+            await trio.lowlevel.checkpoint()
 
 
 def journals(spool: Path) -> list[Path]:

@@ -234,12 +234,20 @@ def test_service_messages(conn: db.Connection) -> None:
     # The read-only path answers a secret the same way.
     outcomes, used = service.handle_reads(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (value, "s1"))], utc_now())
     assert outcomes[0].fields == loaded.fields and used == [accounts.hash_key(key)]
+    assert one(MessageType.CHECK_SECRET, value).status == OK
+    with transaction(conn):  # its time passes: no new session, but the ones it started go on
+        conn.execute("UPDATE client_secrets SET expires_at = '2000-01-01T00:00:00Z'")
+    assert one(MessageType.VALIDATE_AND_LOAD, value, "s1").status == ErrorCode.EXTERNAL_INVALID_AUTH
+    assert one(MessageType.CHECK_SECRET, value).status == OK
+    assert one(MessageType.CHECK_SECRET, "ek_unknown").status == ErrorCode.EXTERNAL_INVALID_AUTH
     assert one(MessageType.MINT_SECRET, key, "x", "{}").status == ErrorCode.EXTERNAL_BAD_PARAMS
     assert one(MessageType.SECRET_CONFIG, "ek_unknown").status == ErrorCode.EXTERNAL_INVALID_AUTH
     with transaction(conn):
         conn.execute("UPDATE accounts SET token_remaining = 0 WHERE id = ?", (account.id,))
-    assert one(MessageType.VALIDATE_AND_LOAD, value, "s1").status == ErrorCode.EXTERNAL_NO_CREDITS
     assert one(MessageType.MINT_SECRET, key, "600", "{}").status == ErrorCode.EXTERNAL_NO_CREDITS
+    with transaction(conn):
+        accounts.revoke_key(conn, accounts.hash_key(key))
+    assert one(MessageType.CHECK_SECRET, value).status == ErrorCode.EXTERNAL_INVALID_AUTH
 
 
 def _client_message(text: str):

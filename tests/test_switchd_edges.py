@@ -144,8 +144,8 @@ async def test_resource_failures_are_logged_once_per_interval(
         await nursery.start(alarm.run)
         for _ in range(250):  # 25 s of failures, one every 0.1 s
             alarm.failed(exc)
-            await trio.sleep(0.1)
-        await trio.sleep(20)
+            await trio.sleep(0.1)  # virtual time (autojump clock)
+        await trio.sleep(20)  # virtual time (autojump clock)
         alarm.failed(exc)  # a new bout: logged at once again
         await trio.lowlevel.checkpoint()
         nursery.cancel_scope.cancel()
@@ -179,7 +179,7 @@ async def test_half_open_handshake_is_cut_at_the_timeout(autojump_clock: trio.te
                     await client.send_all(b"X")
                 except trio.BrokenResourceError:
                     break
-                await trio.sleep(1)
+                await trio.sleep(1)  # virtual time (autojump clock)
         answer = b""
         while chunk := await client.receive_some():
             answer += chunk

@@ -49,13 +49,13 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body.decode()
 
 
-async def until(check: Callable[[], Awaitable[bool]], patience: float = 10, poll: float = 0.05) -> None:
+async def until(check: Callable[[], Awaitable[bool]], patience: float = 10) -> None:
     """Wait for a state another process reaches (its log, its database), failing after `patience` s."""
     with trio.fail_after(patience):
         while True:
             if await check():
                 return
-            await trio.sleep(poll)
+            await trio.lowlevel.checkpoint()
 
 
 def metric(body: str, name: str) -> float:
@@ -183,7 +183,7 @@ async def test_workers_start_at_once_on_a_port_with_time_wait_connections(
     async def time_wait() -> bool:  # 06: TIME-WAIT, on 127.0.0.1:port
         return bool(re.search(rf"0100007F:{port:04X} \S+ 06 ", await trio.Path("/proc/net/tcp").read_text()))
 
-    await until(time_wait, poll=0.01)
+    await until(time_wait)
     async with stack.switchd(plain_provider.url, WORKERS="2", PORT=str(port)) as sw:
         assert sw.address.endswith(f":{port}")
         async with open_websocket_url(client_url(sw, key, "tw")):
