@@ -42,7 +42,7 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.MINT_SECRET: ("api_key", "seconds", "session_json"),
     MessageType.SECRET_CONFIG: ("secret",),
     MessageType.CHECK_SECRET: ("secret",),
-    MessageType.LEASE: ("account_id", "lease_key", "amount"),
+    MessageType.LEASE: ("account_id", "lease_key", "held", "wanted"),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
 # Looked up per message: a dict is several times cheaper than calling the enum.

@@ -248,9 +248,10 @@ def new_lease_key() -> str:
     return uuid.uuid4().hex
 
 
-async def request_lease(db: DbClient, account_id: str, lease_key: str, amount: int) -> int:
-    """LEASE: set the session's lease to at most `amount`; returns what switchdb granted."""
-    fields = await db.request(MessageType.LEASE, account_id, lease_key, str(max(0, amount)))
+async def request_lease(db: DbClient, account_id: str, lease_key: str, held: int, wanted: int) -> int:
+    """LEASE: set the session's lease to at most `wanted`, at least `held` (spent, not yet recorded);
+    returns what switchdb granted."""
+    fields = await db.request(MessageType.LEASE, account_id, lease_key, str(max(0, held)), str(max(0, held, wanted)))
     try:
         return int(fields[0])
     except (IndexError, ValueError):
@@ -262,7 +263,7 @@ async def open_lease(db: DbClient, account: Validated) -> tuple[Validated, str]:
     lease's key). Raises EXTERNAL_NO_CREDITS when none can be had, for a 402 at the handshake."""
     key = new_lease_key()
     unit = "tokens" if account.pricing is None else "usd"
-    granted = await request_lease(db, account.account_id, key, LEASE_FLOOR[unit])
+    granted = await request_lease(db, account.account_id, key, 0, LEASE_FLOOR[unit])
     if granted <= 0:
         raise SwitchError(
             ErrorCode.EXTERNAL_NO_CREDITS,
@@ -280,9 +281,9 @@ async def run_leases(ledger: Ledger, db: DbClient) -> None:
                 await ledger.renew.wait()
             ledger.renew = trio.Event()
             recorded = ledger.recorded
-            wanted = ledger.spent - recorded + ledger.lease_size()
+            held = ledger.spent - recorded
             try:
-                granted = await request_lease(db, ledger.account_id, ledger.lease_key, wanted)
+                granted = await request_lease(db, ledger.account_id, ledger.lease_key, held, held + ledger.lease_size())
             except SwitchError as exc:  # the session goes on with what it holds; cut only once it is spent
                 log.warning("lease not renewed (%s)", exc.code)
                 ledger.renewed.set()
@@ -292,7 +293,8 @@ async def run_leases(ledger: Ledger, db: DbClient) -> None:
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(LEASE_WAIT_S):
             try:
-                await request_lease(db, ledger.account_id, ledger.lease_key, ledger.spent - ledger.recorded)
+                held = ledger.spent - ledger.recorded
+                await request_lease(db, ledger.account_id, ledger.lease_key, held, held)
             except SwitchError as exc:  # it expires by itself
                 log.info("lease not released (%s)", exc.code)
 

@@ -30,7 +30,7 @@ from common.replies import Pricing, Validated
 from common.wire import MessageType
 from switchd import http_api
 from switchd import secrets as client_secrets
-from switchd.billing import Ledger, run_batcher
+from switchd.billing import Ledger, open_lease, request_lease, run_batcher
 from switchd.handshake import SESSION_ID
 from switchd.metering import USAGE_TYPES, upstream_event
 from switchd.session import (
@@ -288,7 +288,20 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     if switch.shutdown.is_set():
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
     account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id))
-    account_id = account.account_id
+    account, lease_key = await open_lease(switch.db, account)  # as a WebSocket session: none to be had is 402
+    try:
+        return await _start_call(switch, key, request, session_id, account, lease_key)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
+            try:  # no call, nothing spent: the lease goes back now rather than when it expires
+                await request_lease(switch.db, account.account_id, lease_key, 0, 0)
+            except SwitchError:
+                pass
+        raise
+
+
+async def _start_call(switch: Switch, key: str, request: http_api.CallRequest, session_id: str, account: Validated,
+                      lease_key: str) -> tuple[CallSession, bytes]:
     secret_config = None
     if client_secrets.is_secret(key):
         (config_json,) = await switch.db.request(MessageType.SECRET_CONFIG, key)
@@ -300,16 +313,16 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     if status != 201:
         raise _provider_error(status, answer)
     call_id = http_api.call_id_from_location((head.get(b"location") or b"").decode("latin-1"))
-    model = session.get("model") or _transcription_model(session) or default_model(switch.settings.upstream_url)
-    call = CallSession(switch, call_id, key, account_id, session_id, str(model), account.balance,
-                       str(session.get("type", "realtime")), account.pricing)
-    CALLS[call_id] = call
-    log.info("call %s created", call_id, extra={"account": account_id, "session": session_id})
     try:
-        return call, http_api.sdp_response(answer.decode("utf-8", "replace"), call_id)
+        response = http_api.sdp_response(answer.decode("utf-8", "replace"), call_id)
     except ValueError:
-        CALLS.pop(call_id, None)
         raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_REJECTED, "the provider's call id is malformed") from None
+    model = session.get("model") or _transcription_model(session) or default_model(switch.settings.upstream_url)
+    call = CallSession(switch, call_id, key, account.account_id, session_id, str(model), account.balance,
+                       str(session.get("type", "realtime")), account.pricing, lease_key)
+    CALLS[call_id] = call
+    log.info("call %s created", call_id, extra={"account": account.account_id, "session": session_id})
+    return call, response
 
 
 def _transcription_model(session: Mapping[str, Any]) -> str | None:
@@ -326,10 +339,11 @@ class CallSession:
     """One WebRTC call as a session of its own: the sideband read, metered and remembered."""
 
     def __init__(self, switch: Switch, call_id: str, key: str, account_id: str, session_id: str, model: str,
-                 balance: int, kind: str = "realtime", pricing: Pricing | None = None) -> None:
+                 balance: int, kind: str = "realtime", pricing: Pricing | None = None, lease_key: str = "") -> None:
         self.switch, self.call_id, self.key, self.kind = switch, call_id, key, kind
         self.account_id, self.session_id = account_id, session_id
-        self.ledger = Ledger(account_id, session_id, model, balance, journal=switch.outbox.journal, pricing=pricing)
+        self.ledger = Ledger(account_id, session_id, model, balance, journal=switch.outbox.journal, pricing=pricing,
+                             lease_key=lease_key)
         self.conversation = Conversation()
         self.ended = trio.Event()
         self.reason = ""
@@ -460,7 +474,7 @@ class CallSession:
         kind = event["type"]
         if kind in USAGE_TYPES:
             self.switch.metrics.tokens_metered += self.ledger.add(event)
-            if self.ledger.credits <= 0:
+            if self.ledger.credits <= 0 and not await self.ledger.refill():
                 raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
         elif kind == "session.updated":
             session = event.get("session")

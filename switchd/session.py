@@ -28,7 +28,7 @@ from common.pricing import transcription_model_of
 from common.replies import Validated
 from common.wire import MessageType
 from switchd.billing import Ledger, Outbox, run_batcher
-from switchd.events import CLOSE_CODES, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
+from switchd.events import CLOSE_CODES, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_UPSTREAM, error_event
 from switchd.handshake import ClientParams, upstream_url
 from switchd.inflight import InFlight
 from switchd.metering import AUDIO_DELTA_PREFIX, CLIENT_AUDIO_PREFIX, USAGE_TYPES, upstream_event
@@ -107,6 +107,8 @@ class Session:
                 nursery.start_soon(self._watch_shutdown)
                 nursery.start_soon(self._watch_idle)
                 nursery.start_soon(self._watch_account)
+            if self.switch.shutdown.is_set():  # whatever ended it while the switch stops: reconnect elsewhere
+                code = CLOSE_GOING_AWAY
         except* SwitchError as group:
             exc = _first(group)
             code = CLOSE_CODES.get(exc.code, CLOSE_UPSTREAM)

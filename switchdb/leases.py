@@ -8,8 +8,9 @@ A lease is set, not added to: a LEASE asks for the session's whole lease (what i
 switchdb has not recorded yet, plus what it wants to spend next) and is granted at most the
 account's balance less the other sessions' unexpired leases. A batch recorded before the
 session's next LEASE still counts in the lease until then: the error is on the safe side, and
-the session renews after every batch. A lease not renewed within LEASE_S is void, so the leases
-of a switchd that died free themselves.
+the session renews after every batch. A lease never drops below what its session has spent and
+not had recorded, so what one session overran is never granted to another. A lease not renewed
+within LEASE_S is void, so the leases of a switchd that died free themselves.
 """
 from __future__ import annotations
 
@@ -44,8 +45,14 @@ def parse_amount(text: str) -> int:
     return int(text)
 
 
-def lease(conn: Connection, account_id: str, lease_key: str, wanted: int, now: datetime | None = None) -> int:
+def lease(
+    conn: Connection, account_id: str, lease_key: str, wanted: int, now: datetime | None = None, held: int = 0
+) -> int:
     """Set the session's lease to at most `wanted` (0 releases it); returns the amount granted.
+
+    `held` is what the session has spent and switchdb not recorded yet: the lease keeps at least
+    that, even beyond the balance (a response that overran its lease is spent all the same), so
+    no other session is ever granted what a session has already spent.
 
     Inside the caller's transaction. The account's row is locked first (PostgreSQL: FOR UPDATE;
     SQLite's BEGIN IMMEDIATE keeps every other writer out), so two replicas leasing on one
@@ -54,7 +61,7 @@ def lease(conn: Connection, account_id: str, lease_key: str, wanted: int, now: d
     if not LEASE_KEY.fullmatch(lease_key):
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a lease key is 1-128 characters of A-Za-z0-9._:-")
     moment = now or datetime.now(UTC)
-    lock = ""  # MUTANT
+    lock = " FOR UPDATE" if is_postgres(conn) else ""
     row = conn.execute(
         "SELECT token_remaining + topup_remaining FROM accounts WHERE id = ?" + lock, (account_id,)
     ).fetchone()
@@ -66,7 +73,9 @@ def lease(conn: Connection, account_id: str, lease_key: str, wanted: int, now: d
         "SELECT coalesce(sum(amount), 0) FROM balance_leases WHERE account_id = ? AND lease_key <> ?",
         (account_id, lease_key),
     ).fetchone()
-    granted = max(0, min(wanted, int(row[0]) - int(others)))
+    if held > wanted:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "a lease cannot hold more than is wanted")
+    granted = max(held, min(wanted, int(row[0]) - int(others)))
     if granted:
         conn.execute(
             "INSERT INTO balance_leases (account_id, lease_key, amount, expires_at) VALUES (?, ?, ?, ?)"

@@ -198,7 +198,8 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
         case MessageType.SECRET_CONFIG:
             return Outcome(OK, (secrets.find_usable_secret(conn, args[0], now)[2],))
         case MessageType.LEASE:
-            return Outcome(OK, (str(leases.lease(conn, args[0], args[1], leases.parse_amount(args[2]))),))
+            held, wanted = leases.parse_amount(args[2]), leases.parse_amount(args[3])
+            return Outcome(OK, (str(leases.lease(conn, args[0], args[1], wanted, held=held)),))
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 

@@ -109,3 +109,23 @@ async def test_revoking_the_key_ends_the_call(tmp_path: Path) -> None:
                     await peer.until("open")
                     await stack.cli("key", "revoke", hashlib.sha256(key.encode()).hexdigest())
                     await peer.until("closed")  # within the account check's period
+
+
+async def test_idle_calls_and_shutdown_hang_up(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with open_stack(tmp_path) as stack, procs.sim(tmp_path, "--fast") as sim:
+            _, key = await stack.account()
+            url = f"{sim.address}/v1/realtime?model=gpt-realtime"
+            async with stack.switchd(url, IDLE_TIMEOUT="0.5") as switch:
+                calls = switch.address.replace("ws://", "http://") + "/v1/realtime/calls"
+                async with browser(calls, key) as peer:
+                    await peer.until("open")
+                    await peer.until("closed")  # nothing on the sideband for IDLE_TIMEOUT: hung up
+            async with stack.switchd(url, name="switchd2") as switch:
+                calls = switch.address.replace("ws://", "http://") + "/v1/realtime/calls"
+                async with browser(calls, key) as peer:
+                    await peer.until("open")
+                    switch.terminate()  # a call the switch can no longer meter must not go on
+                    await peer.until("closed")
+                    with trio.fail_after(20):
+                        assert await switch.proc.wait() == 0

@@ -152,3 +152,16 @@ async def test_transcription_sessions(model: str, usage_type: str) -> None:
             assert 1.0 <= usage["seconds"] <= 1.8
         else:
             assert usage["input_token_details"]["audio_tokens"] > 0
+
+
+async def test_a_transcription_call() -> None:
+    session = {"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}
+    with trio.fail_after(60):
+        async with sim() as port, browser(f"http://127.0.0.1:{port}/v1/realtime/calls", KEY, session) as peer:
+            call_id = (await peer.until("answered"))["location"].rsplit("/", 1)[1]
+            created = (await peer.until("event", "session.created"))["event"]["session"]
+            assert created["type"] == "transcription"
+            assert created["audio"]["input"]["transcription"]["model"] == "whisper-1"
+            async with sideband(port, call_id) as side:
+                await side.send_message(json.dumps({"type": "response.create"}))
+                assert (await until(side, "error"))["error"]["param"] == "type"  # no responses here

@@ -18,9 +18,9 @@ from tests.test_pg_replicas import replicas, seed, stored
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def lease(conn: db.Connection, account_id: str, key: str, wanted: int, now: datetime = T0) -> int:
+def lease(conn: db.Connection, account_id: str, key: str, wanted: int, now: datetime = T0, held: int = 0) -> int:
     with db.transaction(conn):
-        return leases.lease(conn, account_id, key, wanted, now)
+        return leases.lease(conn, account_id, key, wanted, now, held)
 
 
 def test_leases_share_the_balance_renew_release_and_expire(
@@ -36,8 +36,17 @@ def test_leases_share_the_balance_renew_release_and_expire(
     assert lease(conn, account_id, "c", 900) == 500
     with db.transaction(conn):
         assert leases.leased(conn, account_id, T0) == 1000
+    # A session that overran its lease keeps what it spent, even past the balance: no one else gets it.
+    assert lease(conn, account_id, "b", 700, held=650) == 650
+    with db.transaction(conn):
+        assert leases.leased(conn, account_id, T0) == 1250
+    assert lease(conn, account_id, "f", 10) == 0
+    assert lease(conn, account_id, "c", 900) == 250  # c renews into what is left beside a and b
+    with pytest.raises(SwitchError) as err:
+        lease(conn, account_id, "b", 5, held=6)
+    assert err.value.code == ErrorCode.EXTERNAL_BAD_PARAMS
     assert lease(conn, account_id, "b", 0) == 0  # released
-    assert lease(conn, account_id, "d", 900) == 400
+    assert lease(conn, account_id, "d", 900) == 650
     # Not renewed for LEASE_S: void, whatever it held is the account's again.
     later = T0 + timedelta(seconds=leases.LEASE_S)
     assert lease(conn, account_id, "e", 2000, later) == 1000
@@ -75,11 +84,13 @@ async def test_leases_on_four_replicas_never_exceed_the_balance(tmp_path: Path, 
             key = f"s{s}"
             async with open_db_client(endpoints[s % 4], 20_000) as client:
                 for r in range(rounds):
-                    (amount,) = await client.request(MessageType.LEASE, account_id, key, str(want))
+                    (amount,) = await client.request(MessageType.LEASE, account_id, key, "0", str(want))
                     if int(amount) < 7:
                         dry.append(key)
                         continue
-                    await client.request(MessageType.RECORD_USAGE, f"{key}-{r}", account_id, key, "openai", "m", USAGE_7)
+                    await client.request(
+                        MessageType.RECORD_USAGE, f"{key}-{r}", account_id, key, "openai", "m", USAGE_7
+                    )
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -88,7 +99,7 @@ async def test_leases_on_four_replicas_never_exceed_the_balance(tmp_path: Path, 
         async with open_db_client(endpoints[0], 20_000) as client:
             (balance,) = await client.request(MessageType.GET_CREDITS, account_id)
             with pytest.raises(SwitchError) as err:
-                await client.request(MessageType.LEASE, account_id, "s0", "-5")
+                await client.request(MessageType.LEASE, account_id, "s0", "0", "-5")
             assert err.value.code == ErrorCode.EXTERNAL_BAD_PARAMS
     final, _, rows = stored(tmp_path, pg_url, account_id)
     assert int(balance) == final == start - 7 * rows
