@@ -39,6 +39,7 @@ class ClientParams:
     api: str
     model: str | None
     subprotocol: str | None  # what to answer; never the key-bearing entry
+    intent: str | None = None  # "transcription": a transcription-only session (no model)
 
     def __repr__(self) -> str:
         return f"ClientParams(session_id={self.session_id!r}, api={self.api!r}, model={self.model!r})"
@@ -68,7 +69,11 @@ def parse_client_request(
     if api not in APIS:
         raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, f"rs_api must be one of {', '.join(APIS)}")
     model = query.get("model") or None
-    return ClientParams(key, session_id, api, model, "realtime" if "realtime" in subprotocols else None)
+    intent = query.get("intent") or None
+    if intent not in (None, "transcription"):
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "intent must be 'transcription'")
+    subprotocol = "realtime" if "realtime" in subprotocols else None
+    return ClientParams(key, session_id, api, None if intent else model, subprotocol, intent)
 
 
 def check_request_head(start: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -102,10 +107,11 @@ def redact(target: str) -> str:
     return escape_controls("".join(shown))
 
 
-def upstream_url(base: str, model: str | None) -> str:
-    """The provider URL with the client's model passed through."""
-    if model is None:
+def upstream_url(base: str, model: str | None, intent: str | None = None) -> str:
+    """The provider URL with the client's model (or its transcription intent, which has no model) passed through."""
+    if model is None and intent is None:
         return base
     parts = urlsplit(base)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "model"]
-    return urlunsplit(parts._replace(query=urlencode([*query, ("model", model)])))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("model", "intent")]
+    added = ("intent", intent) if intent is not None else ("model", model)
+    return urlunsplit(parts._replace(query=urlencode([*query, added])))

@@ -158,8 +158,10 @@ def secret_params(params: ClientParams, config_json: str, default_model: str) ->
     and the locks for the client's session.update frames."""
     config = json.loads(config_json) if config_json else {}
     config = config if isinstance(config, dict) else {}
-    model = upstream_model(config) or (default_model if config.get("type", "realtime") == "realtime" else None)
-    return attrs.evolve(params, model=model), Locks.from_config({"model": model, **config})
+    if config.get("type") == "transcription":
+        return attrs.evolve(params, model=None, intent="transcription"), Locks.from_config(config)
+    model = upstream_model(config) or default_model
+    return attrs.evolve(params, model=model, intent=None), Locks.from_config({"model": model, **config})
 
 
 def session_object(config: Mapping[str, Any] | None, default_model: str) -> dict[str, Any]:

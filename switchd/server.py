@@ -29,6 +29,7 @@ from common.wire import MessageType
 from switchd.accept import ResourceAlarm, can_open_socket, serve_accepting
 from switchd.billing import Outbox
 from switchd import calls
+from switchd import secrets as client_secrets
 from switchd.handshake import HTTP_STATUS, check_request_head, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
 from switchd.session import CLEANUP_S, Session, Switch
@@ -131,6 +132,10 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
             await switch.db.request(MessageType.VALIDATE_AND_LOAD, params.key, params.session_id)
         )
         account, lease_key = await open_lease(switch.db, account)  # none to be had: 402
+        locks = None
+        if client_secrets.is_secret(params.key):  # its model in the URL; its locks on session.update
+            (config,) = await switch.db.request(MessageType.SECRET_CONFIG, params.key)
+            params, locks = client_secrets.secret_params(params, config, calls.default_model(settings.upstream_url))
     except BaseException as exc:
         metrics.sessions_open -= 1  # before answering: the client may retry at once
         if not isinstance(exc, SwitchError):
@@ -143,7 +148,7 @@ async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None 
         metrics.sessions_total += 1
         log.info("session open %s", redact(target), extra={"account": account.account_id, "session": params.session_id})
         client = WsConnection(stream, bytes(rest), server=True, max_message=_hard_limit(settings))
-        await Session(switch, client, params, account, lease_key).run()
+        await Session(switch, client, params, account, lease_key, locks).run()
     finally:
         metrics.sessions_open -= 1
 

@@ -33,6 +33,7 @@ from switchd.handshake import ClientParams, upstream_url
 from switchd.inflight import InFlight
 from switchd.metering import AUDIO_DELTA_PREFIX, CLIENT_AUDIO_PREFIX, USAGE_TYPES, upstream_event
 from switchd.metrics import Metrics
+from switchd.secrets import Locks, is_secret, locked_frame
 from switchd.transcript import Conversation
 from switchd.upstream import HEALTHY_AFTER_S, MAX_TRIES, CloseAction, backoff, close_action
 from switchd.websocket import Message
@@ -74,13 +75,17 @@ class Switch:
 class Session:
     def __init__(
         self, switch: Switch, client: WsConnection, params: ClientParams, account: Validated, lease_key: str = "",
+        locks: Locks | None = None,
     ) -> None:
         self.switch = switch
         self.client = client
         self.params = params
         self.account_id = account_id = account.account_id
         self.restore = account.restore  # the stored session.update, sent first on every upstream connect
-        self.url = upstream_url(switch.settings.upstream_url, params.model)
+        self.locks = locks  # a client secret's: what the client's session.update cannot change
+        self.url = upstream_url(switch.settings.upstream_url, params.model, params.intent)
+        if params.intent is not None and locks is None:
+            self.restore = ""  # a remembered conversation has no place in a transcription-only session
         self.ledger = Ledger(account_id, params.session_id, params.model or _model_of(self.url), account.balance,
                              journal=switch.outbox.journal, pricing=account.pricing, lease_key=lease_key,
                              metrics=switch.metrics)
@@ -165,7 +170,10 @@ class Session:
         while True:
             await trio.sleep(ACCOUNT_CHECK_S)
             try:
-                await self.switch.db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
+                if is_secret(self.params.key):  # its expiry limits new sessions only
+                    await self.switch.db.request(MessageType.CHECK_SECRET, self.params.key)
+                else:
+                    await self.switch.db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
             except SwitchError as exc:
                 if exc.code == ErrorCode.EXTERNAL_INVALID_AUTH:
                     await self._settled()  # what the provider is producing now is still billed
@@ -200,7 +208,11 @@ class Session:
                     continue
                 requests += self._is_response_request(message)
                 metrics.bytes_in += message.size
-                frames.append(message.frame)  # still masked with the client's key: valid as it stands
+                frame = message.frame  # still masked with the client's key: valid as it stands
+                if self.locks is not None and (locked := locked_frame(message, self.locks)) is not None:
+                    frame, overridden = locked
+                    log.info("kept the client secret's %s", ", ".join(overridden), extra=self.log_extra)
+                frames.append(frame)
             metrics.frames_in += len(frames)
             if frames:
                 await self._to_upstream(frames, requests)
@@ -286,11 +298,14 @@ class Session:
             fields = await db.request(MessageType.VALIDATE_AND_LOAD, self.params.key, self.params.session_id)
             account = Validated.decode(fields)
         except SwitchError as exc:
-            if exc.code != ErrorCode.INTERNAL_DB_UNAVAILABLE:
+            # A session outlives the client secret that opened it: restored as it was at connect.
+            secret = self.locks is not None and exc.code == ErrorCode.EXTERNAL_INVALID_AUTH
+            if exc.code != ErrorCode.INTERNAL_DB_UNAVAILABLE and not secret:
                 raise
             log.warning("switchdb unavailable; restoring the session as it was at connect", extra=self.log_extra)
             return
-        self.restore = account.restore
+        if self.params.intent is None or self.locks is not None:
+            self.restore = account.restore
 
     async def _checkpoint(self) -> None:
         if len(self.conversation) >= CHECKPOINT_CHARS:
