@@ -295,15 +295,6 @@ def run_batch(conn: Connection, requests: Sequence[Request | usage.Row], now: st
     return results
 
 
-def as_outcome(result: Result) -> Outcome:
-    return Outcome(OK, (str(result),)) if type(result) is int else result  # type: ignore[return-value]
-
-
-def handle_batch(conn: Connection, requests: Sequence[Request | usage.Row], now: str) -> list[Outcome]:
-    """`run_batch`, every result as an Outcome."""
-    return [as_outcome(result) for result in run_batch(conn, requests, now)]
-
-
 def _replace_head(conn: Connection, account_id: str, session_id: str, head: str, replacement: str) -> bool:
     with transaction(conn):
         return sessions.replace_conversation_head(conn, account_id, session_id, head, replacement)

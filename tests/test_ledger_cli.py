@@ -7,10 +7,10 @@ from pathlib import Path
 
 from common.usage import UsageTotals
 from common.wire import MessageType, Request
-from switchdb import service
 from switchdb.db import utc_now
 from tests.pg import store_kind, store_url  # noqa: F401
 from tests.test_switchdb_cli import connect, fails, ok_json, run, store  # noqa: F401
+from tests.batches import handle_batch
 
 Store = tuple[str, "str | None"]
 
@@ -19,7 +19,7 @@ def _record(tmp_path: Path, st: Store, batch_id: str, account_id: str, totals: U
             model: str = "gpt-realtime") -> None:
     conn = connect(tmp_path, st)
     try:
-        (outcome,) = service.handle_batch(conn, [Request("r", MessageType.RECORD_USAGE, (
+        (outcome,) = handle_batch(conn, [Request("r", MessageType.RECORD_USAGE, (
             batch_id, account_id, "s-" + batch_id[:2], "openai", model, totals.to_json()))], utc_now())
         assert outcome.status == "OK", outcome
     finally:

@@ -12,6 +12,7 @@ from common.limits import MAX_REPORT_TOKENS
 from common.pricing import DEFAULT_PRICES, ModelPrices, PriceBook, batch_cost
 from common.usage import UsageTotals
 from switchdb import prices, usage
+from tests.batches import handle_batch
 
 BOOK = PriceBook({**DEFAULT_PRICES, "text-only": ModelPrices(text_in=1_000, text_out=2_000)})
 MODELS = st.sampled_from([*DEFAULT_PRICES, "text-only", "gpt-realtime-2025-08-28", "unknown-model", ""])
@@ -74,7 +75,7 @@ def test_the_balance_is_always_the_sum_of_its_history(unit: str, markup: int, op
     and a plain running total of what each operation should do."""
     from common.pricing import charge, default_book
     from common.wire import MessageType, Request
-    from switchdb import accounts, db, ledger, service
+    from switchdb import accounts, db, ledger
     from switchdb.db import transaction, utc_now
 
     conn = db.open_database(":memory:", None)
@@ -106,7 +107,7 @@ def test_the_balance_is_always_the_sum_of_its_history(unit: str, markup: int, op
                 request = Request("r", MessageType.RECORD_USAGE,
                                   (f"b{n}", account.id, "s", "openai", "gpt-realtime", totals.to_json()))
                 for _ in range(1 + repeat):  # retries count once
-                    service.handle_batch(conn, [request], utc_now())
+                    handle_batch(conn, [request], utc_now())
                 cost = batch_cost(totals, default_book(), "gpt-realtime").nano_usd
                 expected -= charge(cost, markup) if unit == "usd" else inp + out
             with transaction(conn):

@@ -19,9 +19,10 @@ from common.limits import MAX_REPORT_TOKENS, format_usd
 from common.pricing import charge
 from common.usage import UsageTotals
 from common.wire import OK, MessageType, Request
-from switchdb import accounts, db, ledger, prices, service, usage
+from switchdb import accounts, db, ledger, prices, service
 from switchdb.db import transaction, utc_now
 from tests.pg import fresh_database, open_conn, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def key_for(conn: db.Connection, account_id: str) -> str:
 
 def record(conn: db.Connection, batch_id: str, account_id: str, totals: UsageTotals,
            model: str = "gpt-realtime") -> service.Outcome:
-    (outcome,) = service.handle_batch(
+    (outcome,) = handle_batch(
         conn, [Request("r", MessageType.RECORD_USAGE, (batch_id, account_id, "s1", "openai", model, totals.to_json()))],
         utc_now(),
     )
@@ -160,7 +161,7 @@ def test_a_usage_batch_beyond_the_limits_is_refused_for_good(conn: db.Connection
     with pytest.raises(SwitchError) as err:
         service.read_row("b1", account_id, "s", "openai", "gpt-realtime", text)
     assert err.value.code == ErrorCode.INTERNAL_BAD_USAGE
-    (outcome,) = service.handle_batch(
+    (outcome,) = handle_batch(
         conn, [Request("r", MessageType.RECORD_USAGE, ("b1", account_id, "s", "openai", "gpt-realtime", text))],
         utc_now(),
     )
@@ -176,7 +177,7 @@ def test_a_usage_batch_beyond_the_limits_is_refused_for_good(conn: db.Connection
 def test_validate_and_load_gives_a_usd_account_its_unit_markup_and_book(conn: db.Connection) -> None:
     account_id = usd_account(conn, usd=2_500_000_000, markup=13_000)
     key = key_for(conn, account_id)
-    (outcome,) = service.handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
+    (outcome,) = handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
     assert outcome.status == OK
     assert outcome.fields[:5] == (account_id, "2500000000", "", "usd", "13000")
     book = prices.book_from_json(outcome.fields[5])
@@ -184,7 +185,7 @@ def test_validate_and_load_gives_a_usd_account_its_unit_markup_and_book(conn: db
     with transaction(conn):
         token_id = accounts.create_account(conn, "tok@example.com", "Free", 10).id
     token_key = key_for(conn, token_id)
-    (outcome,) = service.handle_batch(
+    (outcome,) = handle_batch(
         conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (token_key, "s1"))], utc_now()
     )
     assert outcome.fields == (token_id, "10", "")  # a token account's reply is unchanged
@@ -195,11 +196,11 @@ def test_a_suspended_account_is_refused_until_resumed(conn: db.Connection) -> No
     key = key_for(conn, account_id)
     with transaction(conn):
         ledger.set_status(conn, account_id, ledger.SUSPENDED)
-    (outcome,) = service.handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
+    (outcome,) = handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
     assert outcome.status == ErrorCode.EXTERNAL_INVALID_AUTH
     with transaction(conn):
         ledger.set_status(conn, account_id, ledger.ACTIVE)
-    (outcome,) = service.handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
+    (outcome,) = handle_batch(conn, [Request("r", MessageType.VALIDATE_AND_LOAD, (key, "s1"))], utc_now())
     assert outcome.status == OK
 
 

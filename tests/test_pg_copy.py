@@ -14,9 +14,9 @@ from common.usage import UsageTotals
 from common.wire import MessageType, Request
 from switchdb import accounts, secrets, sessions
 from switchdb.db import format_time, migrate, open_database, transaction, utc_now
-from switchdb.service import handle_batch
 from tests.daemons import BIN, base_env, daemon
 from tests.pg import pg_url  # noqa: F401
+from tests.batches import handle_batch
 
 KEY = "copy-secret"
 

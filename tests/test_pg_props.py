@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from common.usage import UsageTotals
 from common.wire import MessageType, Request
-from switchdb import accounts, db, service
+from switchdb import accounts, db
 from tests.pg import fresh_database, open_conn
+from tests.batches import handle_batch
 
 _runs = itertools.count()
 
@@ -72,7 +73,7 @@ def test_both_stores_answer_alike(
                     built.append(Request(rid, MessageType.GET_CREDITS, (ids[args],)))
                 else:
                     built.append(Request(rid, MessageType.RECORD_USAGE, (f"{run}-x", ids[0], "s", "p", "m", args)))
-            outcomes = service.handle_batch(conn, built, db.utc_now())
+            outcomes = handle_batch(conn, built, db.utc_now())
             got += [(o.status, o.fields, o.summarise, _named(o.message, names)) for o in outcomes]
         answers.append(got)
         states.append((

@@ -15,6 +15,7 @@ from switchd import secrets as sd
 from switchdb import accounts, db, secrets, sessions
 from switchdb.db import transaction, utc_now
 from tests.pg import open_conn, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 CONFIG = {"type": "realtime", "model": "gpt-realtime-2.1-mini", "instructions": "You sell shoes.",
           "max_output_tokens": 500, "tools": [{"type": "function", "name": "price"}],
@@ -222,7 +223,7 @@ def test_service_messages(conn: db.Connection) -> None:
     account, key = account_and_key(conn)
 
     def one(type_: MessageType, *args: str) -> service.Outcome:
-        return service.handle_batch(conn, [Request("r", type_, args)], utc_now())[0]
+        return handle_batch(conn, [Request("r", type_, args)], utc_now())[0]
 
     minted = one(MessageType.MINT_SECRET, key, "600", json.dumps(CONFIG))
     assert minted.status == OK and minted.fields[2:] == (account.id, "1000")

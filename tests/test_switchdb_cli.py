@@ -20,6 +20,7 @@ from switchdb import db
 from switchdb.db import transaction, utc_now
 from tests.daemons import BIN, base_env, daemon
 from tests.pg import open_conn, store_env, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 _ENV: dict[Path, dict[str, str]] = {}
 
@@ -145,7 +146,7 @@ def test_usage_report(tmp_path: Path, store: tuple[str, str | None]) -> None:
     conn = connect(tmp_path, store)
     totals = UsageTotals(input_tokens=1000, output_tokens=500, input_text=200, input_audio=800, input_cached=100,
                          output_text=100, output_audio=400, transcription_tokens=50, reports=2)
-    service.handle_batch(conn, [
+    handle_batch(conn, [
         Request(str(i), MessageType.RECORD_USAGE, (f"b{i}", account["id"], "s", "openai", "gpt-realtime", totals.to_json()))
         for i in range(2)
     ], utc_now())

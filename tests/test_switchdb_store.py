@@ -17,6 +17,7 @@ from common.wire import OK, MessageType, Request
 from switchdb import accounts, db, service, sessions, usage
 from switchdb.db import migrate, open_database, transaction, utc_now
 from tests.pg import open_conn, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def new_key(conn: db.Connection, account_id: str, expires_at: str | None = None)
 
 
 def batch(conn: db.Connection, *requests: tuple[MessageType, tuple[str, ...]]) -> list[service.Outcome]:
-    return service.handle_batch(conn, [Request(f"r{i}", t, a) for i, (t, a) in enumerate(requests)], utc_now())
+    return handle_batch(conn, [Request(f"r{i}", t, a) for i, (t, a) in enumerate(requests)], utc_now())
 
 
 def usage_json(inp: int = 0, out: int = 0, transcription: int = 0) -> str:
@@ -361,7 +362,7 @@ def test_batches_recorded_together_match_one_at_a_time(conn: db.Connection) -> N
         expected.append(service.Outcome(OK, (str(sum(model[account])),)))
     got: list[service.Outcome] = []
     for start in range(0, len(requests), 97):  # transactions of several sizes, runs over 64 rows
-        got += service.handle_batch(c, requests[start : start + 97], utc_now())
+        got += handle_batch(c, requests[start : start + 97], utc_now())
     assert got == expected
     for a in ids:
         assert list(c.execute("SELECT token_remaining, topup_remaining FROM accounts WHERE id = ?", (a,)).fetchone()) \
@@ -432,7 +433,7 @@ def test_reads_on_a_second_connection_leave_the_key_mark_for_later(tmp_path: Pat
     outcomes, used = service.handle_reads(reader, requests, now)
     assert outcomes == [service.Outcome(OK, (a.id, "5", "")), service.Outcome(OK, ("5",)),
                         service.Outcome(ErrorCode.EXTERNAL_INVALID_AUTH, (), "unknown key")]
-    assert outcomes == service.handle_batch(writer, requests, now)  # the same answers as the worker's
+    assert outcomes == handle_batch(writer, requests, now)  # the same answers as the worker's
     key_hash = accounts.hash_key(key)
     assert used == [key_hash]
     service.mark_keys_used(writer, used, now)

@@ -21,6 +21,7 @@ from switchdb.pg import PgDatabase
 from switchdb.worker import Database, Store
 from tests.daemons import base_env, daemon
 from tests.pg import open_conn, store_env, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 LINE = "user:" + "y" * 94 + "\n"  # 100 characters
 LONG = LINE * 330  # 33,000 characters: past the 32,000 limit
@@ -106,7 +107,7 @@ def database(tmp_path: Path, store_kind: str, store_url: str | None) -> Iterator
 
 async def append(db: Store, account_id: str, text: str) -> service.Outcome:
     (outcome,) = await db.run(
-        service.handle_batch, [Request("r", MessageType.APPEND_CONVERSATION, (account_id, "s", text))], utc_now()
+        handle_batch, [Request("r", MessageType.APPEND_CONVERSATION, (account_id, "s", text))], utc_now()
     )
     return outcome
 

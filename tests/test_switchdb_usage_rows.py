@@ -25,6 +25,7 @@ from common.wire import MAX_MESSAGE_BYTES, MessageType, Request, decode_request,
 from switchdb import accounts, service, usage
 from switchdb.db import Connection, is_postgres, transaction, utc_now
 from tests.pg import fresh_database, open_conn, store_kind, store_url  # noqa: F401
+from tests.batches import handle_batch
 
 ARGS = ("b1", "acct_1", "s", "openai", "gpt-realtime")
 
@@ -232,7 +233,7 @@ def _flood_answers(c: Connection, rng: random.Random, way: str) -> list[object]:
                          Request(f"r{n}", MessageType.RECORD_USAGE, args))
         if way == "requests":
             batch.append(Request("credits", MessageType.GET_CREDITS, (ids[0],)))
-        outcomes = service.handle_batch(c, batch, utc_now())  # type: ignore[arg-type]
+        outcomes = handle_batch(c, batch, utc_now())  # type: ignore[arg-type]
         got += [(o.status, o.fields, o.message.replace(ids[0], "account0").replace(ids[1], "account1"))
                 for o in outcomes[:60]]
     return got
@@ -255,7 +256,7 @@ def test_a_failing_row_in_a_flood_batch_fails_alone(conn: Connection) -> None:
     else:
         conn.execute("CREATE TRIGGER boom BEFORE INSERT ON usage_metrics WHEN NEW.batch_id = 'bad'"
                      " BEGIN SELECT RAISE(ABORT, 'boom'); END")
-    outcomes = service.handle_batch(conn, [_row("b1", a, 10), _row("bad", a, 10), _row("b2", a, 10)], utc_now())
+    outcomes = handle_batch(conn, [_row("b1", a, 10), _row("bad", a, 10), _row("b2", a, 10)], utc_now())
     assert [(o.status, o.fields) for o in outcomes] == [
         ("OK", ("990",)), (ErrorCode.INTERNAL_ERROR, ()), ("OK", ("980",))
     ]
