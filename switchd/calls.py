@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 import trio
 
 from common.errors import ErrorCode, SwitchError
+from common.pricing import transcription_model_of
 from common.replies import Pricing, Validated
 from common.wire import MessageType
 from switchd import http_api
@@ -317,20 +318,12 @@ async def _start_call(switch: Switch, key: str, request: http_api.CallRequest, s
         response = http_api.sdp_response(answer.decode("utf-8", "replace"), call_id)
     except ValueError:
         raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_REJECTED, "the provider's call id is malformed") from None
-    model = session.get("model") or _transcription_model(session) or default_model(switch.settings.upstream_url)
+    model = session.get("model") or transcription_model_of(session) or default_model(switch.settings.upstream_url)
     call = CallSession(switch, call_id, key, account.account_id, session_id, str(model), account.balance,
                        str(session.get("type", "realtime")), account.pricing, lease_key)
     CALLS[call_id] = call
     log.info("call %s created", call_id, extra={"account": account.account_id, "session": session_id})
     return call, response
-
-
-def _transcription_model(session: Mapping[str, Any]) -> str | None:
-    try:
-        model = session["audio"]["input"]["transcription"]["model"]
-    except (KeyError, TypeError):
-        return None
-    return model if isinstance(model, str) else None
 
 
 # --- a call, metered through its sideband ---------------------------------------------------------
@@ -478,8 +471,10 @@ class CallSession:
                 raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
         elif kind == "session.updated":
             session = event.get("session")
-            if isinstance(session, Mapping) and isinstance(session.get("model"), str):
-                self.ledger.model = session["model"]
+            if isinstance(session, Mapping):
+                self.ledger.transcription_model = transcription_model_of(session) or ""
+                if isinstance(session.get("model"), str):
+                    self.ledger.model = session["model"]
             await self.switch.db.send(MessageType.SAVE_SESSION, self.account_id, self.session_id, text)
         self.conversation.observe(event)
 

@@ -71,6 +71,9 @@ class WsConnection:
         self.last_data_at = trio.current_time()  # when the last data message arrived
         self._ws = Connection(server=server, max_message=max_message)
         self._lock = trio.StrictFIFOLock()
+        # Plain TCP: a write the kernel takes whole at once needs no trip through the scheduler
+        # (send_all yields after every send); what it does not take goes the usual way.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._lost: Closed | None = None  # set once a write failed: the stream is unusable
         self._inbox: list[Message] = []  # parsed, not yet returned
         if buffer:
@@ -141,6 +144,14 @@ class WsConnection:
             if trio.current_effective_deadline() == -math.inf:
                 await trio.sleep(0)  # noqa: ASYNC115 (already cancelled: raise before writing anything)
             try:
+                if self._fd >= 0:
+                    try:
+                        sent = os.write(self._fd, data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent == len(data):
+                        return
+                    data = data[sent:]
                 await self.stream.send_all(data)
             except _STREAM_ERRORS:
                 self._lost = Closed(1006, "connection lost")
@@ -159,6 +170,7 @@ class WsConnection:
             self._lock.release()
 
     async def _close_stream(self) -> None:
+        self._fd = -1  # the kernel may give the number to another socket at once
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 
@@ -178,6 +190,7 @@ class WsConnection:
                 except Closed:
                     pass
         self.closed = self.closed or Closed(code, reason)
+        self._fd = -1
         with trio.move_on_after(wait) as scope:
             await self.stream.aclose()
         if scope.cancelled_caught:
