@@ -166,7 +166,7 @@ class Postgres:
 
         self.bin = POSTGRES_BIN_PATH
         self.pgdata, self.log = pgdata, log
-        self.sockets = Path(tempfile.mkdtemp(prefix="rs-pg-"))  # short: a Unix socket path is ~107 bytes at most
+        self.sockets = Path(tempfile.mkdtemp(prefix="chaos-pg-"))  # short: a Unix socket path is ~107 bytes at most
         self.user: str | None = None
         self.proc: trio.Process | None = None
         self.nursery: trio.Nursery | None = None  # where its log is read, for as long as it runs
@@ -364,7 +364,8 @@ async def faults(config: Config, switchd: procs.Daemon, store: Store, provider: 
                 continue  # a restart still under way
             os.kill(rng.choice(workers), signal.SIGKILL)
         elif kind in ("switchdb", "switchdb replica"):
-            switchdb = rng.choice(store.switchdbs)
+            # One switchdb: no draw, so a seed gives the same faults as before replicas existed.
+            switchdb = store.switchdbs[0] if len(store.switchdbs) == 1 else rng.choice(store.switchdbs)
             await switchdb.stop(signal.SIGKILL)
             await trio.sleep(rng.uniform(0.2, 1.5))
             await switchdb.start()
