@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 import trio
 
 from common.errors import ErrorCode, SwitchError
+from common.merge import deep_merge
 from common.pricing import transcription_model_of
 from common.replies import Pricing, Validated
 from common.wire import MessageType
@@ -243,7 +244,7 @@ def call_session_config(restore: str, requested: Mapping[str, Any] | None, secre
             wanted = client_secrets.enforce({"type": "session.update", "session": wanted},
                                             client_secrets.Locks.from_config(secret_config))[0]["session"]
         model = str(wanted.pop("model", model))
-        session = _merge(session, wanted)
+        session = deep_merge(session, wanted)
     if secret_config is not None:
         if secret_config.get("type") == "transcription":
             session["type"] = "transcription"
@@ -253,16 +254,6 @@ def call_session_config(restore: str, requested: Mapping[str, Any] | None, secre
     else:
         session.pop("model", None)
     return session
-
-
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _session_id(request_target: str) -> str:

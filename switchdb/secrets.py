@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.errors import ErrorCode, SwitchError
+from common.merge import deep_merge
 from switchdb import accounts, sessions
 from switchdb.db import Connection, TIME_FORMAT, format_time
 
@@ -131,21 +132,11 @@ def apply_config(restore: str, config_json: str) -> str:
         return json.dumps({"type": "session.update", "session": fixed})
     update = json.loads(restore)
     stored = update.get("session") if isinstance(update.get("session"), dict) else {}
-    merged = _deep_merge(stored, fixed)
+    merged = deep_merge(stored, fixed)
     base = stored.get("instructions")
     if isinstance(fixed.get("instructions"), str) and isinstance(base, str) and sessions.MARKER in base:
         merged["instructions"] = fixed["instructions"] + sessions.MARKER + base.partition(sessions.MARKER)[2]
     return json.dumps({"type": "session.update", "session": merged})
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load(conn: Connection, secret: str, session_id: str, now: str) -> tuple[accounts.Account, str, str]:

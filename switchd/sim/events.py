@@ -21,6 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
+from common.merge import deep_merge as deep_merge  # the simulator merges as the switch does
+
 Event = dict[str, Any]
 
 SAMPLE_RATE = 24_000
@@ -195,17 +197,6 @@ def default_session(model: str, expires_at: int) -> dict[str, Any]:
         },
         "include": None,
     }
-
-
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """A new dict: objects merge key by key, anything else (lists, null, scalars) replaces."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _type_name(value: object) -> str:
