@@ -129,7 +129,17 @@ class DbClient:
             await self._socks[0].send(frames)
             return
         home = zlib.crc32("\0".join(args[:2]).encode()) % len(self._socks)
-        await self._send(frames, self._order(home))
+        order = self._order(home)
+        # Wait for the session's replica rather than spill to another when its queue is full:
+        # a spilled append could be stored before the ones still queued. Only a replica that
+        # takes nothing for the whole timeout is passed over.
+        for i in order[:-1]:
+            with trio.move_on_after(self.timeout_s):
+                await self._socks[i].send(frames)
+                return
+            self._silent_until[i] = time.monotonic() + self.timeout_s
+            log.warning("switchdb at %s took no %s in time; sending to another replica", self._names[i], type)
+        await self._socks[order[-1]].send(frames)
 
     async def _read_replies(
         self, index: int = 0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

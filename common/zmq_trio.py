@@ -123,10 +123,16 @@ class ZmqSocket:
         return refused
 
     async def send(self, frames: Sequence[bytes]) -> None:
-        while not self.send_nowait(frames):
+        """Send, waiting for room. Cancelled means not sent: a caller may safely send it elsewhere."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.send_nowait(frames):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while True:
             with trio.move_on_after(_WRITABLE_RECHECK_S):
                 await self._writable.park()
-        await trio.lowlevel.checkpoint()
+            if self.send_nowait(frames):
+                return
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import zmq
 
 from common.dbclient import open_db_client
@@ -109,6 +110,33 @@ async def test_fire_and_forget_sends_arrive_in_order(tmp_path: Path) -> None:
             got = [decode_request((await router.recv())[1:]).args[2] for _ in range(2000)]
     assert got == [str(i) for i in range(2000)]
     router.close()
+
+
+async def test_a_sessions_sends_wait_for_its_replica_rather_than_spill_to_another(tmp_path: Path) -> None:
+    # With several replicas a socket queues nothing for a replica not yet connected; a send that
+    # went to another replica meanwhile would be stored before the ones queued behind it.
+    home_ep, other_ep = endpoint(tmp_path), endpoint(tmp_path)  # ("acct", "s") hashes to the first
+    other = ZmqSocket(zmq.Context.instance().socket(zmq.ROUTER))
+    other.sock.bind(other_ep)
+    home = ZmqSocket(zmq.Context.instance().socket(zmq.ROUTER))
+    async with open_db_client(f"{home_ep},{other_ep}", 5000) as db, trio.open_nursery() as nursery:
+
+        async def append_all() -> None:
+            for i in range(100):
+                await db.send(MessageType.APPEND_CONVERSATION, "acct", "s", str(i))
+
+        await db.send(MessageType.APPEND_CONVERSATION, "acct", "t", "")  # ("acct", "t") goes to the other
+        with trio.fail_after(10):
+            await other.recv()  # connected to the other replica, not yet to the first
+        nursery.start_soon(append_all)
+        await trio.testing.wait_all_tasks_blocked()  # the first send waits for its replica
+        home.sock.bind(home_ep)
+        with trio.fail_after(10):
+            got = [decode_request((await home.recv())[1:]).args[2] for _ in range(100)]
+    assert got == [str(i) for i in range(100)]
+    assert other.recv_nowait() is None
+    home.close()
+    other.close()
 
 
 async def test_bursts_drain_and_answer_everything(tmp_path: Path) -> None:
