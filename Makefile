@@ -2,8 +2,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.installed-browser
+# The system's Chromium: `make test-browser` never downloads a browser (no `playwright install`).
+CHROMIUM ?= $(shell command -v chromium || echo /usr/bin/chromium)
 
-.PHONY: install run test lint perf chaos clean
+.PHONY: install run test test-browser lint perf chaos clean
 
 install: $(STAMP)
 
@@ -14,11 +17,21 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,perf]'
 	touch $(STAMP)
 
+# Playwright (the `browser` extra) on top of the usual install; its wheel carries its driver.
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,perf,browser]'
+	touch $(BROWSER_STAMP)
+
 run: install
 	$(BIN)/python -m switchd.devrun
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The demo page in headless Chromium: a WebSocket turn and a WebRTC call on `make run`'s stack.
+# Not part of `make test` (tests_browser/ is outside pytest's testpaths): it needs Chromium.
+test-browser: $(BROWSER_STAMP)
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests_browser $(PYTEST_ARGS)
 
 # Type check and lint the daemons and their shared package (configured in pyproject.toml).
 lint: install

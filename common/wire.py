@@ -30,6 +30,9 @@ class MessageType(StrEnum):
     CHECK_SECRET = "CHECK_SECRET"  # a started session's secret: usable but for its expiry
     # A session's lease on its account's balance (issue 16): set it, get what is granted.
     LEASE = "LEASE"
+    # A WebRTC call's owner, recorded when it starts, so any worker can hang it up for it alone.
+    SAVE_CALL = "SAVE_CALL"
+    CALL_OWNER = "CALL_OWNER"
 
 
 ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
@@ -43,6 +46,8 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.SECRET_CONFIG: ("secret",),
     MessageType.CHECK_SECRET: ("secret",),
     MessageType.LEASE: ("account_id", "lease_key", "held", "wanted"),
+    MessageType.SAVE_CALL: ("call_id", "account_id", "session_id"),
+    MessageType.CALL_OWNER: ("api_key", "call_id"),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
 # Looked up per message: a dict is several times cheaper than calling the enum.

@@ -10,8 +10,10 @@ the provider's sideband (`/v1/realtime?call_id=…`, opened with the operator's 
 it as a session: each `response.done` and transcription into the ledger, the session saved
 on `session.updated`, the conversation checkpointed. At zero balance, on shutdown and when the
 sideband stays silent past IDLE_TIMEOUT, it hangs the call up at the provider (404: already
-ended). Calls are known to the worker that made them (a hangup through another worker of a
-REUSE_PORT group gets 404).
+ended). A call counts among the open sessions against MAX_SESSIONS from its request on.
+Its owner is recorded in switchdb (SAVE_CALL) before its 201, so a client's hangup works through
+any worker or switchd (CALL_OWNER): one that does not run the call asks the provider, and the
+worker running it sees the sideband end and settles the call as for any other end.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ DEFAULT_MODEL = "gpt-realtime"
 
 # The calls this worker runs, by call id: for a client's hangup.
 CALLS: dict[str, CallSession] = {}
+IDLE = ErrorCode.EXTERNAL_IDLE_TIMEOUT.value  # the reason an idle call ends with, as a WebSocket session's
 
 
 # --- the provider over HTTP ---------------------------------------------------------------------
@@ -196,9 +199,11 @@ async def handle_http(switch: Switch, stream: trio.abc.Stream, head: HttpHead, r
         switch.metrics.sessions_rejected += 1
         log.info("%s refused: %s", target.route, exc.code)
         response = http_api.error_response(exc)
-    await _send(stream, response)
-    if call is not None:
-        await call.run()
+    try:
+        await _send(stream, response)
+    finally:
+        if call is not None:  # even when cancelled meanwhile: it gives its slot back and ends the call
+            await call.run()
 
 
 async def mint_secret(switch: Switch, key: str, body: bytes) -> bytes:
@@ -214,14 +219,22 @@ async def mint_secret(switch: Switch, key: str, body: bytes) -> bytes:
 
 
 async def client_hangup(switch: Switch, key: str, call_id: str) -> bytes:
+    """A client's hangup, on whichever worker it lands: switchdb says whether the key's account made
+    the call (404 otherwise, as for a call that never was); the worker running it ends it here, any
+    other worker asks the provider, and the worker running it then sees its sideband end."""
+    (account_id,) = await switch.db.request(MessageType.CALL_OWNER, key, call_id)
     call = CALLS.get(call_id)
-    if call is None or call.ended.is_set():
+    if call is not None and not call.ended.is_set():
+        await hang_up(switch, call_id)
+        call.end("client hangup")
+        return http_api.empty_response(200)
+    status, _, body = await provider_post(switch, f"{http_api.CALLS_PATH}/{call_id}/hangup", None, b"",
+                                          HANGUP_TIMEOUT_S)
+    if status == 404:  # it has ended
         raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, "No session found for the provided call_id")
-    account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, call.session_id))
-    if account.account_id != call.account_id:
-        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, "No session found for the provided call_id")
-    await hang_up(switch, call_id)
-    call.end("client hangup")
+    if not 200 <= status < 300:
+        raise _provider_error(status, body)
+    log.info("call %s hung up for its client (its worker settles it)", call_id, extra={"account": account_id})
     return http_api.empty_response(200)
 
 
@@ -279,17 +292,32 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     session_id = _session_id(request_target)
     if switch.shutdown.is_set():
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
-    account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id))
-    account, lease_key = await open_lease(switch.db, account)  # as a WebSocket session: none to be had is 402
+    take_slot(switch)
     try:
-        return await _start_call(switch, key, request, session_id, account, lease_key)
+        account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id))
+        account, lease_key = await open_lease(switch.db, account)  # as a WebSocket session: none to be had is 402
+        try:
+            return await _start_call(switch, key, request, session_id, account, lease_key)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
+                try:  # no call, nothing spent: the lease goes back now rather than when it expires
+                    await request_lease(switch.db, account.account_id, lease_key, 0, 0)
+                except SwitchError:
+                    pass
+            raise
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
-            try:  # no call, nothing spent: the lease goes back now rather than when it expires
-                await request_lease(switch.db, account.account_id, lease_key, 0, 0)
-            except SwitchError:
-                pass
+        switch.metrics.sessions_open -= 1
         raise
+
+
+def take_slot(switch: Switch) -> None:
+    """Count a new call among the open sessions, within MAX_SESSIONS (a WebSocket session's check):
+    from here, so that concurrent requests respect it; the call gives it back when it ends.
+    Over the cap: EXTERNAL_OVER_CAPACITY (503), before the provider is asked for anything."""
+    limit, metrics = switch.settings.max_sessions, switch.metrics
+    if limit and metrics.sessions_open >= limit:
+        raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{limit} sessions open; try again later")
+    metrics.sessions_open += 1
 
 
 async def _start_call(switch: Switch, key: str, request: http_api.CallRequest, session_id: str, account: Validated,
@@ -309,6 +337,12 @@ async def _start_call(switch: Switch, key: str, request: http_api.CallRequest, s
         response = http_api.sdp_response(answer.decode("utf-8", "replace"), call_id)
     except ValueError:
         raise SwitchError(ErrorCode.INTERNAL_UPSTREAM_REJECTED, "the provider's call id is malformed") from None
+    try:  # its owner, for a hangup through any worker: recorded before the client learns the call id
+        await switch.db.request(MessageType.SAVE_CALL, call_id, account.account_id, session_id)
+    except BaseException:
+        with trio.CancelScope(shield=True):  # a call nobody could hang up or meter must not go on
+            await hang_up(switch, call_id)
+        raise
     model = session.get("model") or transcription_model_of(session) or default_model(switch.settings.upstream_url)
     call = CallSession(switch, call_id, key, account.account_id, session_id, str(model), account.balance,
                        str(session.get("type", "realtime")), account.pricing, lease_key)
@@ -342,8 +376,7 @@ class CallSession:
     async def run(self) -> None:
         started = time.monotonic()
         hang_up_now = False
-        self.switch.metrics.sessions_open += 1
-        self.switch.metrics.sessions_total += 1
+        self.switch.metrics.sessions_total += 1  # counted open since `take_slot`
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_sideband, nursery.cancel_scope)
@@ -367,7 +400,8 @@ class CallSession:
             self.ended.set()
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S + HANGUP_TIMEOUT_S):
                 await self._cleanup()  # first: the usage hand-off never blocks
-                if hang_up_now or self.reason in ("shutdown", "idle"):
+                # Not when the provider or the client ended it; "": cancelled (the grace is over).
+                if hang_up_now or self.reason in ("shutdown", IDLE, ""):
                     await hang_up(self.switch, self.call_id)
             self.switch.metrics.sessions_open -= 1
             CALLS.pop(self.call_id, None)
@@ -397,7 +431,12 @@ class CallSession:
                     if deadline <= trio.current_time():
                         break
                     await trio.sleep_until(deadline)
-                self.end("idle")
+                # The provider gives the switch no way to tell the browser why (nothing sent on the
+                # sideband reaches its data channel but the provider's own events): the call simply
+                # ends for it; the log says why.
+                log.warning("call %s idle: no sideband event for %g s (IDLE_TIMEOUT); hanging up", self.call_id,
+                            idle, extra=self.log_extra)
+                self.end(IDLE)
 
             nursery.start_soon(on_shutdown)
             nursery.start_soon(on_idle)

@@ -1,6 +1,7 @@
-"""`make run`: switchdb, the provider simulator (without OPENAI_API_KEY) and switchd, on local defaults.
+"""`make run`: switchdb, the provider simulator (without OPENAI_API_KEY) and switchd, on local defaults,
+and the demo page's app server (switchd/demo: the page is served by the demo tooling, not by switchd).
 
-State lives in ./var (database, ipc socket, spool, demo key). Ctrl-C stops all three cleanly:
+State lives in ./var (database, ipc socket, spool, demo key). Ctrl-C stops them all cleanly:
 the daemons run in their own process group, so the terminal's SIGINT reaches devrun alone, which
 sends each daemon one SIGTERM, switchd first (its last usage must reach switchdb). Another Ctrl-C
 meanwhile is passed on as another SIGTERM to the daemon stopping: it ends its grace, never its usage.
@@ -64,7 +65,7 @@ def prepare() -> tuple[dict[str, str], Path, dict[str, str]]:
     return env, var, json.loads(seed.stdout)
 
 
-async def run(env: dict[str, str], demo: dict[str, str], logs: dict[str, BinaryIO]) -> None:
+async def run(env: dict[str, str], demo: dict[str, str], logs: dict[str, BinaryIO], key_file: Path) -> None:
     # switchd gets its whole grace (its usage is at stake), the others a fixed time.
     grace = float(env.get("SHUTDOWN_GRACE") or 10)
     procs: list[trio.Process] = []
@@ -85,9 +86,16 @@ async def run(env: dict[str, str], demo: dict[str, str], logs: dict[str, BinaryI
             switch, url = await start([str(BIN / "switchd")], env, logs["switchd"])
             procs.append(switch)
             client_url = f"{url}/v1/realtime?rs_key={demo['key']}&rs_sessid={demo['session_id']}"
+            # The app server reads the key from its file: argv would show it in `ps`.
+            app, page_url = await start(
+                [str(BIN / "python"), "-m", "switchd.demo.app", "--switch", url, "--key-file", str(key_file)],
+                env, logs["demo"],
+            )
+            procs.append(app)
             say("")
             say(f"Realtime Switch is up. Connect a client to:\n  {client_url}")
             say(f"Try it:  {BIN / 'python'} -m switchd.democlient '{client_url}'")
+            say(f"Or in a browser (WebSocket and WebRTC, a client secret per session):  {page_url}/")
             say(f"The admin CLI, on this store:  DB_PATH={env['DB_PATH']} {BIN / 'switchdb'} account list")
             say("Logs in var/*.log. Ctrl-C stops everything.")
             async with trio.open_nursery() as nursery:
@@ -132,17 +140,21 @@ async def _exit_on_death(proc: trio.Process, scope: trio.CancelScope) -> None:
 
 def _name(proc: trio.Process) -> str:
     args = proc.args
-    program = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
-    return Path(os.fsdecode(program)).name
+    if isinstance(args, (str, bytes, os.PathLike)):
+        return Path(os.fsdecode(args)).name
+    if "-m" in args:  # python -m module: the module says which
+        return os.fsdecode(args[list(args).index("-m") + 1])
+    return Path(os.fsdecode(args[0])).name
 
 
 def main() -> None:
     env, var, demo = prepare()
     with contextlib.ExitStack() as files:
         logs: dict[str, BinaryIO] = {
-            name: files.enter_context(open(var / f"{name}.log", "ab")) for name in ("switchdb", "sim", "switchd")
+            name: files.enter_context(open(var / f"{name}.log", "ab"))
+            for name in ("switchdb", "sim", "switchd", "demo")
         }
-        trio.run(run, env, demo, logs)
+        trio.run(run, env, demo, logs, var / "demo-key")
 
 
 if __name__ == "__main__":

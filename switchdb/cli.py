@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from common.config import Settings, load_settings, read_env_file
 from common.errors import ErrorCode, SwitchError
 from common.logs import setup_logging
-from switchdb import accounts, ledger, cli_ledger, sessions, usage
+from switchdb import accounts, ledger, cli_ledger, cli_secrets, sessions, usage
 from switchdb.db import (
     Connection,
     applied_migrations,
@@ -210,7 +210,7 @@ def cmd_seed(args: argparse.Namespace, conn: Connection, settings: Settings) -> 
 
 
 # Every table a deployment holds, in an order that satisfies the foreign keys. Summary claims
-# are not copied: they only matter while a summary runs.
+# and call owners are not copied: they only matter while a summary or a call runs.
 COPIED_TABLES: dict[str, str] = {
     "accounts": "id, email, plan_name, token_remaining, topup_remaining, status, created_at, updated_at, unit, markup,"
     " email_key",
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokens", type=_positive_text)
     sub.add_argument("--usd", metavar="USD")
     cli_ledger.register(commands, account, credits, command)
+    cli_secrets.register(commands, command)
 
     sub = command(commands, "usage", cli_ledger.cmd_usage, "usage statement: tokens by type, cost and charge")
     sub.add_argument("--account", required=True, metavar="ID_OR_EMAIL")

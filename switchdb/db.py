@@ -278,7 +278,7 @@ def _create_client_secrets(conn: Connection) -> None:
 
 
 def _ledger(module: str, function: str) -> Callable[[Connection], None]:
-    """A migration step of switchdb.prices or switchdb.ledger (they build on this module)."""
+    """A migration step of a switchdb module that builds on this one (prices, ledger, leases, calls)."""
 
     def step(conn: Connection) -> None:
         import importlib
@@ -302,6 +302,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0010_ledger_usage_cost", _ledger("ledger", "migrate_usage_cost")),
     ("0011_ledger_credit_entries", _ledger("ledger", "create_entries")),
     ("0012_balance_leases", _ledger("leases", "create_table")),  # SQL both stores take
+    ("0013_call_owners", _ledger("calls", "create_table")),  # SQL both stores take
 ]
 
 

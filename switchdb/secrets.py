@@ -13,6 +13,8 @@ import secrets as _random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
+
 from common.errors import ErrorCode, SwitchError
 from common.merge import deep_merge
 from switchdb import accounts, sessions
@@ -146,3 +148,69 @@ def load(conn: Connection, secret: str, session_id: str, now: str) -> tuple[acco
     return account, key_hash, apply_config(sessions.restored_session(stored, conversation), config)
 
 
+
+
+# --- the operator's view (switchdb secret list / revoke) ------------------------------------------
+
+@attrs.frozen
+class SecretInfo:
+    """A stored secret as an operator sees it: its id is the sha256 hex of the plaintext (never stored)."""
+
+    id: str
+    account_id: str
+    key_indicator: str  # of the key that minted it
+    type: str  # realtime or transcription
+    created_at: str
+    expires_at: str
+    revoked_at: str | None
+
+    def state(self, now: str) -> str:
+        return "revoked" if self.revoked_at else ("expired" if self.expires_at <= now else "active")
+
+    def as_json(self, now: str) -> dict[str, object]:
+        return {**attrs.asdict(self), "state": self.state(now)}
+
+
+_INFO = ("SELECT s.secret_hash, s.account_id, k.key_indicator, s.session_json, s.created_at, s.expires_at,"
+         " s.revoked_at FROM client_secrets s JOIN api_keys k ON k.key_hash = s.key_hash")
+
+
+def _info(row: tuple[Any, ...]) -> SecretInfo:
+    secret_hash, account_id, indicator, session_json, created_at, expires_at, revoked_at = row
+    try:
+        kind = str(json.loads(session_json).get("type") or "realtime")
+    except (ValueError, AttributeError):
+        kind = "realtime"
+    return SecretInfo(secret_hash, account_id, indicator, kind, created_at, expires_at, revoked_at)
+
+
+def list_secrets(conn: Connection, account_id: str) -> list[SecretInfo]:
+    """An account's secrets, newest first."""
+    rows = conn.execute(_INFO + " WHERE s.account_id = ? ORDER BY s.created_at DESC, s.secret_hash",
+                        (account_id,)).fetchall()
+    return [_info(tuple(row)) for row in rows]
+
+
+def secret_id(secret_or_id: str) -> str:
+    """The id of a secret named by its plaintext (`ek_…`) or by its id; EXTERNAL_BAD_PARAMS for anything else."""
+    if secret_or_id.startswith(SECRET_PREFIX):
+        return accounts.hash_key(secret_or_id)
+    if len(secret_or_id) == 64 and all(c in "0123456789abcdef" for c in secret_or_id.lower()):
+        return secret_or_id.lower()
+    shown = secret_or_id if len(secret_or_id) <= 12 else secret_or_id[:12] + "..."
+    raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS,
+                      f"{shown!r} is neither a client secret (ek_...) nor a secret id (64 hex digits)")
+
+
+def revoke_secret(conn: Connection, secret_or_id: str, now: str) -> SecretInfo:
+    """Revoke one secret (the operator's: whichever key minted it); a revoked one stays as it was.
+
+    Its sessions and calls end at their next check (CHECK_SECRET); EXTERNAL_NOT_FOUND for an unknown one.
+    """
+    wanted = secret_id(secret_or_id)
+    conn.execute("UPDATE client_secrets SET revoked_at = ? WHERE secret_hash = ? AND revoked_at IS NULL",
+                 (now, wanted))
+    row = conn.execute(_INFO + " WHERE s.secret_hash = ?", (wanted,)).fetchone()
+    if row is None:
+        raise SwitchError(ErrorCode.EXTERNAL_NOT_FOUND, f"no client secret {wanted}")  # the id, never a plaintext
+    return _info(tuple(row))

@@ -20,7 +20,7 @@ import trio
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MAX_MESSAGE_BYTES, OK, MessageType, Request, decode_request
-from switchdb import accounts, leases, ledger, prices, secrets, sessions, summarise, usage
+from switchdb import accounts, calls, leases, ledger, prices, secrets, sessions, summarise, usage
 from switchdb.db import Connection, format_time, is_postgres, is_transient, savepoint, transaction
 from switchdb.worker import Store
 
@@ -200,6 +200,11 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
         case MessageType.LEASE:
             held, wanted = leases.parse_amount(args[2]), leases.parse_amount(args[3])
             return Outcome(OK, (str(leases.lease(conn, args[0], args[1], wanted, held=held)),))
+        case MessageType.SAVE_CALL:
+            calls.save(conn, args[0], args[1], args[2], now)
+            return Outcome()
+        case MessageType.CALL_OWNER:
+            return Outcome(OK, (calls.owner(conn, args[0], args[1], now),))
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 

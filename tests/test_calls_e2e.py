@@ -119,8 +119,13 @@ async def test_idle_calls_and_shutdown_hang_up(tmp_path: Path) -> None:
             async with stack.switchd(url, IDLE_TIMEOUT="0.5") as switch:
                 calls = switch.address.replace("ws://", "http://") + "/v1/realtime/calls"
                 async with browser(calls, key) as peer:
+                    call_id = (await peer.until("answered"))["location"].rsplit("/", 1)[1]
                     await peer.until("open")
                     await peer.until("closed")  # nothing on the sideband for IDLE_TIMEOUT: hung up
+            # The reason is in the log (the provider has no way to pass it on to the browser).
+            log = switch.log()
+            assert f"call {call_id} idle: no sideband event for 0.5 s (IDLE_TIMEOUT); hanging up" in log
+            assert f"call {call_id} ended (EXTERNAL_IDLE_TIMEOUT)" in log
             async with stack.switchd(url, name="switchd2") as switch:
                 calls = switch.address.replace("ws://", "http://") + "/v1/realtime/calls"
                 async with browser(calls, key) as peer:

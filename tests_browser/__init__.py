@@ -1,0 +1,1 @@
+"""Tests in a real browser (`make test-browser`); `make test` does not collect them."""
