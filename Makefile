@@ -25,8 +25,9 @@ $(BROWSER_STAMP): $(STAMP)
 run: install
 	$(BIN)/python -m switchd.devrun
 
+# Two worker processes, a test file each at a time (module fixtures such as the perf smoke run once).
 test: install lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The demo page in headless Chromium: a WebSocket turn and a WebRTC call on `make run`'s stack.
 # Not part of `make test` (tests_browser/ is outside pytest's testpaths): it needs Chromium.

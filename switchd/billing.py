@@ -48,6 +48,10 @@ LEASE_RESPONSES = 4
 LEASE_FLOOR = {"tokens": 4_000, "usd": 100_000_000}
 RENEW_S = 10.0
 LEASE_WAIT_S = 5.0  # how long a session whose lease is spent waits for a renewal before it is cut
+# switchdb voids a lease LEASE_S (30 s) after it last set it, stored to the second. A session that
+# has had no renewal answered for LEASE_VALID_S, counted from when it asked the last answered one,
+# spends no more of it (what is left: a renewal under way may take the timeout, 5 s, to fail).
+LEASE_VALID_S = 20.0
 OUTBOX_WORKERS = 8
 # Replies that say the batch itself can never be recorded: kept aside as rejected. Anything else
 # (INTERNAL_DB_UNAVAILABLE, INTERNAL_ERROR, a storage error, a code this build does not know) is retried.
@@ -56,7 +60,7 @@ PERMANENT = frozenset({
     ErrorCode.EXTERNAL_BAD_PARAMS, ErrorCode.EXTERNAL_NOT_FOUND,
 })
 
-__all__ = ["Batch", "Ledger", "Outbox", "open_lease", "record", "run_batcher"]
+__all__ = ["Batch", "Ledger", "Outbox", "open_lease", "record", "renew_lease", "run_batcher"]
 
 
 class Ledger:
@@ -91,6 +95,7 @@ class Ledger:
         self.largest = 0  # the largest single report's spend
         self.renew = trio.Event()  # set when the lease should be renewed now
         self.renewed = trio.Event()  # set (and replaced) when a renewal is answered
+        self.lease_until: float | None = None  # trio time the lease may be void from; set by run_leases
 
     @property
     def unit(self) -> str:
@@ -100,11 +105,31 @@ class Ledger:
         """What to hold beyond what is spent and not yet recorded."""
         return max(LEASE_FLOOR[self.unit], LEASE_RESPONSES * self.largest)
 
-    def leased(self, granted: int, recorded_before: int) -> None:
-        """A renewal's answer: `granted` covers all spending since `recorded_before` was recorded."""
+    def holding(self) -> int:
+        """What the session holds of its lease now: spent and not recorded, plus what it may still spend.
+
+        A renewal asks switchdb to keep at least that. Should its answer be lost (switchdb slow
+        past the timeout, or away), the session goes on spending what it holds, and the lease
+        switchdb set meanwhile still covers all of it: a lost answer never lets switchdb give to
+        another session what this one goes on spending."""
+        return self.spent - self.recorded + max(self.credits, 0)
+
+    def leased(self, granted: int, recorded_before: int, asked_at: float | None = None) -> None:
+        """A renewal's answer: `granted` covers all spending since `recorded_before` was recorded.
+
+        `asked_at` (trio time the request was sent): the lease is good until LEASE_VALID_S later."""
         self.credits = granted - (self.spent - recorded_before)
+        if asked_at is not None:
+            self.lease_until = asked_at + LEASE_VALID_S
+        self.answered()
+
+    def answered(self) -> None:
         self.renewed.set()
         self.renewed = trio.Event()
+
+    def lapsed(self) -> None:
+        """The lease may be void by now (no renewal answered for LEASE_VALID_S): spend no more of it."""
+        self.credits = min(self.credits, 0)
 
     async def refill(self) -> bool:
         """Whether the session may go on once its credits are spent: with a lease, after one more renewal."""
@@ -239,9 +264,9 @@ async def _flush(ledger: Ledger, db: DbClient) -> None:
         if ledger.journal is not None:
             ledger.journal.ack(ledger.inflight.batch_id)
         ledger.inflight = None
+        # Credits at or below zero now cut the session at its next report, once that report's frame
+        # is forwarded: cut here, the reports the session was forwarding would be billed unseen.
         ledger.acknowledged(credits)
-        if ledger.credits <= 0 and not await ledger.refill():
-            raise SwitchError(ErrorCode.EXTERNAL_NO_CREDITS, "the account has no credits left")
 
 
 def new_lease_key() -> str:
@@ -272,24 +297,40 @@ async def open_lease(db: DbClient, account: Validated) -> tuple[Validated, str]:
     return attrs.evolve(account, balance=granted), key
 
 
+async def renew_lease(ledger: Ledger, db: DbClient) -> None:
+    """One renewal: keep at least what the session holds (`Ledger.holding`), ask for LEASE_RESPONSES
+    more. Unanswered, the session goes on with what it holds, cut only once that is spent, or
+    once the lease may have lapsed (LEASE_VALID_S since the last answered renewal was asked)."""
+    recorded = ledger.recorded
+    held = ledger.spent - recorded
+    asked_at = trio.current_time()
+    try:
+        granted = await request_lease(
+            db, ledger.account_id, ledger.lease_key, ledger.holding(), held + ledger.lease_size()
+        )
+    except SwitchError as exc:
+        log.warning("lease not renewed (%s)", exc.code)
+        if ledger.lease_until is not None and trio.current_time() >= ledger.lease_until:
+            ledger.lapsed()
+        ledger.answered()
+        return
+    ledger.leased(granted, recorded, asked_at)
+
+
 async def run_leases(ledger: Ledger, db: DbClient) -> None:
     """A session task: renew its lease when asked (low, or a batch recorded) and every RENEW_S;
     at the end, leave in it only what is spent and not recorded yet (the outbox records that)."""
+    if ledger.lease_until is None:  # the first lease was granted at the handshake, just before
+        ledger.lease_until = trio.current_time() + LEASE_VALID_S
     try:
         while True:
-            with trio.move_on_after(RENEW_S):
+            left = ledger.lease_until - trio.current_time()
+            with trio.move_on_after(min(RENEW_S, left) if left > 0 else RENEW_S):  # woken at the lapse once
                 await ledger.renew.wait()
             ledger.renew = trio.Event()
-            recorded = ledger.recorded
-            held = ledger.spent - recorded
-            try:
-                granted = await request_lease(db, ledger.account_id, ledger.lease_key, held, held + ledger.lease_size())
-            except SwitchError as exc:  # the session goes on with what it holds; cut only once it is spent
-                log.warning("lease not renewed (%s)", exc.code)
-                ledger.renewed.set()
-                ledger.renewed = trio.Event()
-                continue
-            ledger.leased(granted, recorded)
+            if trio.current_time() >= ledger.lease_until:
+                ledger.lapsed()
+            await renew_lease(ledger, db)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(LEASE_WAIT_S):
             try:

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from common.config import Settings, load_settings, read_env_file
 from common.errors import ErrorCode, SwitchError
 from common.logs import setup_logging
-from switchdb import accounts, ledger, cli_ledger, cli_secrets, sessions, usage
+from switchdb import accounts, ledger, cli_ledger, cli_secrets, prices, sessions, usage
 from switchdb.db import (
     Connection,
     applied_migrations,
@@ -220,6 +220,12 @@ COPIED_TABLES: dict[str, str] = {
     "client_secrets": "secret_hash, account_id, key_hash, session_json, created_at, expires_at, revoked_at",
     "credit_entries": "id, account_id, kind, amount, reason, created_at",
 }
+# The price book and its fallback models, as the operator left them: the target's migration seeded
+# the shipped book, which these rows replace. (Leases are not copied: they void themselves in 30 s.)
+REPLACED_TABLES: dict[str, str] = {
+    "prices": f"{prices._COLUMNS}, updated_at",
+    "ledger_settings": "name, value",
+}
 
 
 def copy_store(source: Connection, target: Connection) -> dict[str, int]:
@@ -237,13 +243,16 @@ def copy_store(source: Connection, target: Connection) -> dict[str, int]:
                 ErrorCode.EXTERNAL_CONFLICT,
                 f"the DB_URL database already holds {held} accounts; copy only into an empty store",
             )
-        for table, columns in COPIED_TABLES.items():
+        for table in REPLACED_TABLES:
+            target.execute(f"DELETE FROM {table}")
+        for table, columns in {**COPIED_TABLES, **REPLACED_TABLES}.items():
             count = 0
             with target.raw.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                 for row in source.execute(f"SELECT {columns} FROM {table} ORDER BY rowid"):
                     copy.write_row(row)
                     count += 1
             copied[table] = count
+        prices.bump_version(target)  # a replica already serving the target reads the copied book
         # New usage rows continue after the copied ids.
         target.execute(
             "SELECT setval(pg_get_serial_sequence('usage_metrics', 'id'), coalesce(max(id), 0) + 1, false)"

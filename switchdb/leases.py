@@ -8,9 +8,12 @@ A lease is set, not added to: a LEASE asks for the session's whole lease (what i
 switchdb has not recorded yet, plus what it wants to spend next) and is granted at most the
 account's balance less the other sessions' unexpired leases. A batch recorded before the
 session's next LEASE still counts in the lease until then: the error is on the safe side, and
-the session renews after every batch. A lease never drops below what its session has spent and
-not had recorded, so what one session overran is never granted to another. A lease not renewed
-within LEASE_S is void, so the leases of a switchd that died free themselves.
+the session renews after every batch. A lease never drops below what its session `held` when it
+asked: what it has spent and not had recorded, plus what is left of the lease it was granted
+before. So what one session overran is never granted to another, and neither is what it goes on
+spending when the answer to a renewal is lost (switchd's request timed out, switchdb set the
+lease all the same). A lease not renewed within LEASE_S is void, so the leases of a switchd that
+died free themselves; switchd stops spending a lease it could not renew for LEASE_VALID_S, less.
 """
 from __future__ import annotations
 
@@ -50,9 +53,10 @@ def lease(
 ) -> int:
     """Set the session's lease to at most `wanted` (0 releases it); returns the amount granted.
 
-    `held` is what the session has spent and switchdb not recorded yet: the lease keeps at least
-    that, even beyond the balance (a response that overran its lease is spent all the same), so
-    no other session is ever granted what a session has already spent.
+    `held` is what the session holds already: spent and not recorded yet, plus what is left of its
+    lease. The lease keeps at least that, even beyond the balance (a response that overran its
+    lease is spent all the same, and the rest was granted before), so no other session is ever
+    granted what a session has spent or may still spend without hearing back.
 
     Inside the caller's transaction. The account's row is locked first (PostgreSQL: FOR UPDATE;
     SQLite's BEGIN IMMEDIATE keeps every other writer out), so two replicas leasing on one

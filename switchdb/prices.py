@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from datetime import UTC, datetime
 
 import attrs
@@ -94,10 +95,51 @@ def _build(rows: tuple[tuple[object, ...], ...], settings: tuple[tuple[str, str]
     )
 
 
+# Every change to the book (`set_price`, `set_fallback`, `switchdb copy`) sets this setting to a
+# new random value in the same transaction, so reading it tells whether the book a connection
+# read before is still the store's: one small statement per transaction instead of the whole
+# book (which was most of the cost of pricing a flood's usage). A store the book was never
+# changed in has no such row: the seeded book, read once per connection. The book must not be
+# changed any other way (by SQL by hand: then set a price again, or restart switchdb).
+VERSION = "price_version"
+# Per connection (by id, holding the connection so its id is not reused): (connection, version, book).
+_books: dict[int, tuple[Connection, str | None, PriceBook]] = {}
+
+
+def _version(conn: Connection) -> str | None:
+    row = conn.execute("SELECT value FROM ledger_settings WHERE name = ?", (VERSION,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def bump_version(conn: Connection) -> None:
+    """Mark the book changed (inside the caller's transaction, which changed it)."""
+    conn.execute(
+        "INSERT INTO ledger_settings (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (VERSION, uuid.uuid4().hex),
+    )
+
+
 def load_book(conn: Connection) -> PriceBook:
-    """The store's price book. Should it be unusable (a fallback without a rate, which `set_price`
-    and `set_fallback` refuse to make), the shipped book prices usage and an error is logged once:
-    billing never stops and never prices at zero."""
+    """The store's price book, as this transaction sees it. Should it be unusable (a fallback
+    without a rate, which `set_price` and `set_fallback` refuse to make), the shipped book prices
+    usage and an error is logged once: billing never stops and never prices at zero."""
+    version = _version(conn)
+    known = _books.get(id(conn))
+    if known is not None and known[0] is conn and known[1] == version:
+        return known[2]
+    book = _read_book(conn)
+    if book is not None:
+        with _lock:
+            if len(_books) > 16:
+                _books.clear()
+            _books[id(conn)] = (conn, version, book)
+        return book
+    return default_book()
+
+
+def _read_book(conn: Connection) -> PriceBook | None:
+    """The stored book read in full, or None (logged once) when it is unusable."""
     global _cache, _bad_book_logged
     key = _read(conn)
     cached = _cache
@@ -109,7 +151,7 @@ def load_book(conn: Connection) -> PriceBook:
         if not _bad_book_logged:
             _bad_book_logged = True
             log.error("the stored price book is unusable (%s); pricing by the shipped book", exc.message)
-        return default_book()
+        return None
     with _lock:
         _cache = (key, book)
     return book
@@ -147,6 +189,7 @@ def set_price(
         f"INSERT INTO prices ({_COLUMNS}, updated_at) VALUES ({marks}) ON CONFLICT (model) DO UPDATE SET {updates}",
         (model, *_rates(updated), updated.as_of, updated.source, updated.note, now),
     )
+    bump_version(conn)
     return _checked(conn)
 
 
@@ -159,6 +202,7 @@ def set_fallback(conn: Connection, model: str, transcription: bool = False) -> P
         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         (name, model),
     )
+    bump_version(conn)
     return _checked(conn)
 
 

@@ -46,3 +46,17 @@ async def plain_provider():
     """A ws:// provider only, for tests of switchd's client side (the relay runs over both kinds)."""
     async with scripted_provider(None) as p:
         yield p
+
+
+# The longest test files, started first: `make test` runs two pytest-xdist workers a file at a
+# time, and a long file started last would keep one worker busy while the other sits idle.
+LONGEST_FIRST = ("test_perf_smoke.py", "test_chaos_pg_e2e.py", "test_journal_e2e.py", "test_ledger_cli.py",
+                 "test_switchdb_cli.py", "test_leases_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept

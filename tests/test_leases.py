@@ -10,8 +10,12 @@ import trio
 from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
-from common.wire import MessageType
-from switchdb import accounts, db, leases
+from common.replies import Validated
+from common.wire import OK, MessageType, Request
+from switchd import billing
+from switchd.billing import Ledger, open_lease, record, renew_lease, run_leases
+from switchdb import accounts, db, leases, service
+from tests.upstream import response_done
 from tests.pg import open_conn, pg_url, store_kind, store_url  # noqa: F401
 from tests.test_pg_replicas import replicas, seed, stored
 
@@ -110,3 +114,98 @@ async def test_leases_on_four_replicas_never_exceed_the_balance(tmp_path: Path, 
     conn.close()
     # A batch recorded after its session's last lease still counts in it: one per session at most.
     assert held <= final + 7 * sessions
+
+
+class StoreDb:
+    """A DbClient over the real switchdb handlers on one connection, in order; with `lose`, a
+    request is carried out but its answer lost (switchd's request timed out)."""
+
+    def __init__(self, conn: db.Connection) -> None:
+        self.conn = conn
+        self.lose = False
+        self.down = False
+        self.count = 0
+
+    async def request(self, type: MessageType, *args: str, timeout_s: float | None = None) -> tuple[str, ...]:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise SwitchError(ErrorCode.INTERNAL_DB_UNAVAILABLE, "switchdb is away")
+        self.count += 1
+        now = db.format_time(datetime.now(UTC))
+        (result,) = service.run_batch(self.conn, [Request(str(self.count), type, args)], now)
+        if self.lose:
+            raise SwitchError(ErrorCode.INTERNAL_DB_UNAVAILABLE, f"switchdb did not answer {type}")
+        if isinstance(result, int):
+            return (str(result),)
+        if result.status != OK:
+            raise SwitchError(ErrorCode(result.status), result.message)
+        return result.fields
+
+
+RESPONSE = 333  # tokens of response_done(100, 233)
+
+
+def can_spend(ledger: Ledger) -> int:
+    """Everything the session may take off the balance, as it sees it: spent, plus its credits."""
+    return ledger.spent + max(ledger.credits, 0)
+
+
+async def test_a_renewal_whose_answer_is_lost_never_frees_what_its_session_goes_on_spending(tmp_path: Path) -> None:
+    """Two sessions share 8,000 tokens. A's renewal is carried out but its answer lost: A goes on
+    with the credits it holds, so switchdb must not have lowered A's lease below them, or B's next
+    renewal is granted them too and together they can spend more than the account holds (before
+    the fix, 8,999: three responses beyond the one each may overrun)."""
+    conn = open_conn("sqlite", tmp_path, None)
+    with db.transaction(conn):
+        account_id = accounts.create_account(conn, "lost@example.com", "Free", 8000).id
+    store = StoreDb(conn)
+    ledgers = []
+    for name in ("a", "b"):
+        account, key = await open_lease(store, Validated(account_id, 8000, ""))  # type: ignore[arg-type]
+        assert account.balance == 4000
+        ledgers.append(Ledger(account_id, name, "gpt-realtime", account.balance, lease_key=key))
+    a, b = ledgers
+    for _ in range(3):
+        a.add(response_done(100, 233))
+        b.add(response_done(100, 233))
+    batch = b.take_batch()
+    assert batch is not None
+    b.acknowledged(await record(store, batch))  # B's 999 recorded: still counted in B's lease too
+    store.lose = True
+    await renew_lease(a, store)
+    store.lose = False
+    assert a.credits == 4000 - 3 * RESPONSE  # no answer: A goes on with what it held
+    await renew_lease(b, store)
+    assert can_spend(a) + can_spend(b) <= 8000
+    with db.transaction(conn):
+        assert leases.leased(conn, account_id) >= a.holding() + b.holding()
+    conn.close()
+
+
+async def test_a_session_spends_no_more_of_a_lease_it_could_not_renew_before_it_lapses(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """switchdb away: the session goes on with what it holds, but not past LEASE_VALID_S after the
+    last answered renewal was asked; by then switchdb (LEASE_S) may have given the lease to another."""
+    assert billing.LEASE_VALID_S + 5 + 1 < leases.LEASE_S  # a renewal's timeout, and expiry stored to the second
+    conn = open_conn("sqlite", tmp_path, None)
+    with db.transaction(conn):
+        account_id = accounts.create_account(conn, "lapse@example.com", "Free", 8000).id
+    store = StoreDb(conn)
+    account, key = await open_lease(store, Validated(account_id, 8000, ""))  # type: ignore[arg-type]
+    ledger = Ledger(account_id, "s", "gpt-realtime", account.balance, lease_key=key)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_leases, ledger, store)
+        await trio.sleep(billing.RENEW_S + 1)  # virtual time (autojump clock): one renewal answered
+        assert ledger.credits == 4000 and ledger.lease_until is not None
+        store.down = True
+        until = ledger.lease_until
+        await trio.sleep(until - trio.current_time() - 0.5)  # virtual time
+        assert ledger.credits == 4000  # a renewal failed, the lease still stands: spent as held
+        await trio.sleep(1)  # virtual time
+        assert ledger.credits == 0  # lapsed: the next report cuts the session unless a renewal comes
+        assert not await ledger.refill()
+        store.down = False
+        assert await ledger.refill()  # switchdb back: renewed, the session goes on
+        nursery.cancel_scope.cancel()
+    conn.close()

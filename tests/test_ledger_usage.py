@@ -116,6 +116,34 @@ def test_price_set_changes_the_next_batch_and_not_past_ones(conn: db.Connection)
     assert balance(conn, account_id) == 10**9 - 12_000_000
 
 
+def test_a_price_set_through_another_connection_prices_this_ones_next_batch(
+    tmp_path: Path, conn: db.Connection, store_kind: str, store_url: str | None  # noqa: F811
+) -> None:
+    """The book a connection read is reused only while the store's version of it is unchanged:
+    a price set by the CLI (another connection, another process) or by a transaction rolled back
+    is never priced by a stale copy."""
+    account_id = usd_account(conn, usd=10**9)
+    plain = UsageTotals(input_tokens=1000, input_text=1000, reports=1)
+    record(conn, "b1", account_id, plain)
+    other = open_conn(store_kind, tmp_path, store_url, "ledger.db")
+    try:
+        with transaction(other):
+            prices.set_price(other, "gpt-realtime", {"text_in": 8000})  # $8 per 1M
+        record(conn, "b2", account_id, plain)
+        with pytest.raises(RuntimeError), transaction(conn):
+            prices.set_price(conn, "gpt-realtime", {"text_in": 2000})
+            assert prices.load_book(conn).models["gpt-realtime"].text_in == 2000
+            raise RuntimeError("rolled back")
+        record(conn, "b3", account_id, plain)
+        with transaction(other):
+            prices.set_fallback(other, "gpt-realtime-mini")  # $0.60 per 1M text in
+        record(conn, "b4", account_id, plain, "not-in-the-book")
+    finally:
+        other.close()
+    costs = [int(c) for (c,) in conn.execute("SELECT cost_nano FROM usage_metrics ORDER BY batch_id")]
+    assert costs == [4_000_000, 8_000_000, 8_000_000, 600_000]
+
+
 def test_an_unknown_model_is_priced_by_the_fallback_and_logged_once(
     conn: db.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:

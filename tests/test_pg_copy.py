@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,15 @@ from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
 from common.usage import UsageTotals
 from common.wire import MessageType, Request
-from switchdb import accounts, secrets, sessions
+from common.pricing import DEFAULT_PRICES, PRICE_TYPES
+from switchdb import accounts, prices, secrets, sessions
 from switchdb.db import format_time, migrate, open_database, transaction, utc_now
 from tests.daemons import BIN, base_env, daemon
 from tests.pg import pg_url  # noqa: F401
 from tests.batches import handle_batch
 
 KEY = "copy-secret"
+EDITED_AUDIO_IN = 123_456  # milli-USD per 1M tokens: no shipped rate
 
 
 def cli(tmp_path: Path, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
@@ -39,6 +42,11 @@ def build_sqlite(path: Path) -> dict[str, str]:
         revoked, _ = accounts.create_key(conn, bob.id, "revoked")
         accounts.revoke_key(conn, accounts.hash_key(revoked))
         secret = secrets.mint(conn, live, 600, "", utc_now())[0]
+        # The operator's book: a rate changed, a model added and made the fallback.
+        prices.set_price(conn, "gpt-realtime", {"audio_in": EDITED_AUDIO_IN})
+        shipped = prices.load_book(conn).models["gpt-realtime"]
+        prices.set_price(conn, "house-model", {name: getattr(shipped, name) for name in PRICE_TYPES}, "our own")
+        prices.set_fallback(conn, "house-model")
     usage = UsageTotals(input_tokens=100, output_tokens=20, input_audio=100, output_audio=20, reports=2).to_json()
     handle_batch(conn, [
         Request("1", MessageType.RECORD_USAGE, ("b1", alice.id, "s1", "openai", "gpt-realtime", usage)),
@@ -64,7 +72,7 @@ async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["copied"] == {"accounts": 2, "api_keys": 3, "sessions": 3, "usage_metrics": 2, "client_secrets": 1,
-                                "credit_entries": 2}
+                                "credit_entries": 2, "prices": len(DEFAULT_PRICES) + 1, "ledger_settings": 3}
     text = cli(tmp_path, both, "copy")  # refused now: the target holds accounts
     assert text.returncode == 1 and text.stdout == ""
     assert text.stderr.count("\n") == 1 and "already holds 2 accounts" in text.stderr
@@ -72,10 +80,16 @@ async def test_copy_round_trip_of_an_encrypted_store(tmp_path: Path, pg_url: str
     # Every CLI answer is the same on both stores.
     for argv in (["account", "show", "alice@example.com"], ["account", "show", made["bob"]],
                  ["key", "list", "--account", made["alice"]], ["key", "list", "--account", made["bob"]],
-                 ["usage", "--account", made["alice"]]):
+                 ["usage", "--account", made["alice"]], ["price", "list"]):
         old, new = cli(tmp_path, sqlite_env, *argv, "--json"), cli(tmp_path, pg_env, *argv, "--json")
         assert old.returncode == new.returncode == 0, (old.stderr, new.stderr)
         assert json.loads(old.stdout) == json.loads(new.stdout)
+
+    book = json.loads(cli(tmp_path, pg_env, "price", "list", "--json").stdout)
+    assert book["fallback"] == "house-model"  # not the shipped book's
+    rows = {row["model"]: row for row in book["prices"]}
+    assert rows["house-model"]["source"] == "our own"
+    assert Decimal(rows["gpt-realtime"]["audio_in"]) == Decimal(EDITED_AUDIO_IN) / 1000
 
     env = base_env(ZMQ_SOCKET_PATH=f"ipc://{tmp_path}/db.sock", DB_URL=pg_url)
     async with daemon(["switchdb", "serve"], env, tmp_path / "switchdb.log", cwd=tmp_path) as d, \
