@@ -9,8 +9,6 @@ import re
 import resource
 import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.daemons import BIN, base_env
+from tests.daemons import BIN, base_env, start_make_run
 from tests.stack import Stack, client_url, metrics_url
 from tests.upstream import ScriptedProvider, response_done
 
@@ -122,19 +120,9 @@ async def test_two_signals_at_once_still_stop_cleanly(
 
 async def test_make_run_ctrl_c_stops_once_and_bills_every_response_seen(tmp_path: Path) -> None:
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while responses stream."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "switchd.devrun"], cwd=tmp_path, env=base_env(PORT="0", METRICS_PORT="0"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own group stands for the terminal's foreground group
-    )
+    proc, out = await start_make_run(tmp_path)
     assert proc.stdout is not None
-    out = b""
     try:
-        with trio.fail_after(60):
-            while b"Ctrl-C stops everything" not in out:
-                chunk = await proc.stdout.receive_some(65536)
-                assert chunk, out.decode()
-                out += chunk
         url = re.search(rb"Connect a client to:\s+(\S+)", out).group(1).decode()  # type: ignore[union-attr]
         seen, done = 0, 0
         async with open_websocket_url(url) as ws:

@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import trio
 from playwright.sync_api import sync_playwright
 
-from tests.daemons import BIN, base_env
+from tests.daemons import BIN, base_env, start_make_run
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -41,18 +39,9 @@ TURN_TIMEOUT_MS = 60_000
 @asynccontextmanager
 async def make_run(tmp: Path) -> AsyncIterator[str]:
     """`make run` in `tmp` (its ./var): the output up to the ready line; Ctrl-C (SIGINT to the group) after."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "switchd.devrun"], cwd=tmp, env=base_env(PORT="0", METRICS_PORT="0"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc, out = await start_make_run(tmp)
     assert proc.stdout is not None
-    out = b""
     try:
-        with trio.fail_after(60):
-            while b"Ctrl-C stops everything" not in out:
-                chunk = await proc.stdout.receive_some(65536)
-                assert chunk, out.decode()
-                out += chunk
         yield out.decode()
         os.killpg(proc.pid, signal.SIGINT)
         with trio.fail_after(60):
