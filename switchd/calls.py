@@ -43,6 +43,7 @@ from switchd.session import (
 from switchd.transcript import Conversation
 from switchd.wsio import Closed, ConnectError, connect
 from switchd.ws_codec import HttpHead, parse_head
+from switchd.tls import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ async def provider_post(switch: Switch, path: str, content_type: str | None, bod
     stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(limit_s):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = tcp = await trio.open_tcp_stream(host, port)
             if secure:
-                stream = trio.SSLStream(stream, switch.upstream_tls, server_hostname=host, https_compatible=True)
+                stream = tls = TlsStream(tcp, switch.upstream_tls, server_hostname=host)
+                await tls.do_handshake()
             await stream.send_all(request)
             data = b""
             while len(data) <= MAX_PROVIDER_RESPONSE and (chunk := await stream.receive_some(65536)):

@@ -33,6 +33,7 @@ from switchd import secrets as client_secrets
 from switchd.handshake import HTTP_STATUS, check_request_head, parse_client_request, redact
 from switchd.metrics import Metrics, serve_metrics
 from switchd.session import CLEANUP_S, Session, Switch
+from switchd.tls import TlsStream
 from switchd.wsio import WsConnection, client_ssl_context, read_head
 from switchd.ws_codec import accept_response, check_upgrade_request, reject_response
 
@@ -89,11 +90,16 @@ def new_alarms() -> Alarms:
     return Alarms(ResourceAlarm("accepting a client"), ResourceAlarm("no socket for an upstream: refusing sessions"))
 
 
-async def handle(switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None = None) -> None:
-    """One connection (TCP, or TLS over it): the upgrade, authentication, then the session."""
+async def handle(
+    switch: Switch, stream: trio.abc.Stream, alarms: Alarms | None = None, tls: ssl.SSLContext | None = None
+) -> None:
+    """One connection (TCP, or TLS over it with `tls`): the upgrade, authentication, then the session."""
     metrics, settings = switch.metrics, switch.settings
     try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):  # the TLS handshake too: it runs on the first read
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):  # the TLS handshake too
+            if tls is not None and isinstance(stream, trio.SocketStream):
+                stream = secure = TlsStream(stream, tls, server_side=True)
+                await secure.do_handshake()
             head, rest = await read_head(stream, bytearray())
     except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await _respond(stream, reject_response(426, "a WebSocket upgrade is required"))
@@ -235,12 +241,9 @@ async def serve(
                 async with trio.open_nursery() as listener:
                     tcp = await listen(settings.host, settings.port, reuse_port=reuse_port)
                     port = tcp[0].socket.getsockname()[1]
-                    listeners: list[trio.abc.Listener[trio.abc.Stream]] = (
-                        [trio.SSLListener(t, context) for t in tcp] if context is not None else list(tcp)
-                    )
                     scheme = "ws" if context is None else "wss"
-                    await listener.start(partial(serve_accepting, partial(handle, switch, alarms=alarms), listeners,
-                                                 alarms.accept, handler_nursery=sessions))
+                    await listener.start(partial(serve_accepting, partial(handle, switch, alarms=alarms, tls=context),
+                                                 tcp, alarms.accept, handler_nursery=sessions))
                     log.info("listening on %s://%s:%d", scheme, settings.host, port)
                     # What exists now (modules, trio, the settings) lives as long as the process:
                     # frozen, a full collection no longer walks it, which paused every session

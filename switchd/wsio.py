@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from switchd.tls import TlsStream
 from switchd.websocket import Connection, Message, State
 from switchd.ws_codec import MAX_HEAD, HttpHead, check_upgrade_response, parse_head, upgrade_request
 
@@ -235,12 +236,10 @@ async def connect(
     step = "connect"
     try:
         with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = tcp = await trio.open_tcp_stream(host, port)
             if secure:
                 step = "TLS handshake"
-                tls = trio.SSLStream(
-                    stream, ssl_context or client_ssl_context(), server_hostname=host, https_compatible=True
-                )
+                tls = TlsStream(tcp, ssl_context or client_ssl_context(), server_hostname=host)
                 stream = tls
                 await tls.do_handshake()
             step = "upgrade"

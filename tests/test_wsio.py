@@ -13,6 +13,7 @@ import trio
 import trio.testing
 import trustme
 
+from switchd.tls import TlsStream
 from switchd.websocket import Message
 from switchd.ws_codec import (
     OP_CLOSE,
@@ -156,7 +157,9 @@ async def test_frames_arrive_whole_and_in_order_under_a_small_send_buffer(
 
 
 def _socket_of(conn: WsConnection) -> trio.SocketStream:
-    raw = conn.stream.transport_stream if isinstance(conn.stream, trio.SSLStream) else conn.stream
+    stream = conn.stream
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else \
+        stream.transport if isinstance(stream, TlsStream) else stream
     assert isinstance(raw, trio.SocketStream)
     return raw
 
