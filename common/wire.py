@@ -33,6 +33,8 @@ class MessageType(StrEnum):
     # A WebRTC call's owner, recorded when it starts, so any worker can hang it up for it alone.
     SAVE_CALL = "SAVE_CALL"
     CALL_OWNER = "CALL_OWNER"
+    # A client secret revoked by the app server holding the key that minted it.
+    REVOKE_SECRET = "REVOKE_SECRET"
 
 
 ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
@@ -48,6 +50,7 @@ ARGUMENTS: dict[MessageType, tuple[str, ...]] = {
     MessageType.LEASE: ("account_id", "lease_key", "held", "wanted"),
     MessageType.SAVE_CALL: ("call_id", "account_id", "session_id"),
     MessageType.CALL_OWNER: ("api_key", "call_id"),
+    MessageType.REVOKE_SECRET: ("api_key", "secret"),
 }
 NO_REPLY = frozenset({MessageType.SAVE_SESSION, MessageType.APPEND_CONVERSATION})
 # Looked up per message: a dict is several times cheaper than calling the enum.

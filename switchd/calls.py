@@ -191,6 +191,8 @@ async def handle_http(switch: Switch, stream: trio.abc.Stream, head: HttpHead, r
             body = await _read_body(stream, head, rest)
             if target.route is http_api.Route.CLIENT_SECRETS:
                 response = await mint_secret(switch, key, body)
+            elif target.route is http_api.Route.REVOKE_SECRET:
+                response = await revoke_secret(switch, key, body)
             elif target.route is http_api.Route.HANGUP:
                 response = await client_hangup(switch, key, target.call_id or "")
             else:
@@ -218,6 +220,16 @@ async def mint_secret(switch: Switch, key: str, body: bytes) -> bytes:
     log.info("client secret minted for %d s", request.seconds, extra={"account": account_id})
     session = client_secrets.session_object(config or None, default_model(switch.settings.upstream_url))
     return http_api.json_response(200, {"value": value, "expires_at": int(expires_at), "session": session})
+
+
+async def revoke_secret(switch: Switch, key: str, body: bytes) -> bytes:
+    """The app server revokes a secret it minted, with the key that minted it (404 for any other
+    secret); sessions open on it end at their next account check, as for a revoked key."""
+    if client_secrets.is_secret(key):
+        raise SwitchError(ErrorCode.EXTERNAL_INVALID_AUTH, "a client secret cannot revoke client secrets")
+    await switch.db.request(MessageType.REVOKE_SECRET, key, http_api.parse_revoke_request(body))
+    log.info("client secret revoked by its key")
+    return http_api.json_response(200, {"revoked": True})
 
 
 async def client_hangup(switch: Switch, key: str, call_id: str) -> bytes:

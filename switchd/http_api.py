@@ -21,6 +21,8 @@ import attrs
 from common.errors import ErrorCode, SwitchError
 
 SECRETS_PATH = "/v1/realtime/client_secrets"
+# The secret goes in the body, never in the path: paths land in proxies' access logs.
+REVOKE_PATH = SECRETS_PATH + "/revoke"
 CALLS_PATH = "/v1/realtime/calls"
 _HANGUP = re.compile(r"/v1/realtime/calls/(rtc_[A-Za-z0-9_-]{1,128})/hangup")
 CALL_ID = re.compile(r"rtc_[A-Za-z0-9_-]{1,128}")
@@ -58,6 +60,7 @@ _CORS = (b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: Loca
 
 class Route(StrEnum):
     CLIENT_SECRETS = "client_secrets"
+    REVOKE_SECRET = "revoke_secret"
     CALLS = "calls"
     HANGUP = "hangup"
     PREFLIGHT = "preflight"
@@ -90,6 +93,8 @@ def route(start: str) -> Target | None:
     path = target.split("?", 1)[0]
     if path == SECRETS_PATH:
         found = Target(Route.CLIENT_SECRETS)
+    elif path == REVOKE_PATH:
+        found = Target(Route.REVOKE_SECRET)
     elif path == CALLS_PATH:
         found = Target(Route.CALLS)
     elif (match := _HANGUP.fullmatch(path)) is not None:
@@ -191,6 +196,17 @@ def parse_secret_request(body: bytes) -> SecretRequest:
                               f"'expires_after.seconds' must be an integer from {MIN_SECONDS} to {MAX_SECONDS}")
     session = request.get("session")
     return SecretRequest(seconds, None if session is None else check_session(session))
+
+
+def parse_revoke_request(body: bytes) -> str:
+    """A revoke body, `{"value": "ek_…"}`: the secret to revoke."""
+    request = _json(body, "the request body")
+    if not isinstance(request, dict) or set(request) != {"value"}:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "the request body must be {\"value\": \"ek_…\"}")
+    value = request["value"]
+    if not isinstance(value, str) or not value.startswith("ek_") or not 3 < len(value) <= 256:
+        raise SwitchError(ErrorCode.EXTERNAL_BAD_PARAMS, "'value' must be a client secret (ek_…)")
+    return value
 
 
 def check_sdp(data: bytes) -> str:

@@ -205,6 +205,9 @@ def handle(conn: Connection, request: Request, now: str) -> Outcome:
             return Outcome()
         case MessageType.CALL_OWNER:
             return Outcome(OK, (calls.owner(conn, args[0], args[1], now),))
+        case MessageType.REVOKE_SECRET:
+            secrets.revoke(conn, args[0], args[1], now)
+            return Outcome()
     raise SwitchError(ErrorCode.INTERNAL_UNKNOWN_TYPE, f"no handler for {request.type}")
 
 

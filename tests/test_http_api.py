@@ -36,6 +36,7 @@ def test_routes() -> None:
     assert api.route("POST /v1/realtime/calls?x=1 HTTP/1.1") == api.Target(api.Route.CALLS)
     assert api.route("POST /v1/realtime/calls/rtc_u1_abc/hangup HTTP/1.1") == api.Target(api.Route.HANGUP, "rtc_u1_abc")
     assert api.route("OPTIONS /v1/realtime/calls HTTP/1.1") == api.Target(api.Route.PREFLIGHT)
+    assert api.route("POST /v1/realtime/client_secrets/revoke HTTP/1.1") == api.Target(api.Route.REVOKE_SECRET)
     # Not ours: the WebSocket path judges them.
     assert api.route("GET /v1/realtime?rs_sessid=a HTTP/1.1") is None
     assert api.route("POST /v1/realtime/calls/../x/hangup HTTP/1.1") is None
@@ -155,6 +156,20 @@ _near_secret = st.fixed_dictionaries({}, optional={
        | _near_secret.map(lambda v: json.dumps(v).encode()))
 def test_secret_bodies_never_raise_but_400(body: bytes) -> None:
     _only_clean_refusals(api.parse_secret_request, body)
+
+
+def test_revoke_request() -> None:
+    assert api.parse_revoke_request(b'{"value": "ek_abc"}') == "ek_abc"
+    for body in (b"", b"[]", b'{"value": "rsk_abc"}', b'{"value": "ek_"}', b'{"value": "ek_a", "x": 1}'):
+        refused(ErrorCode.EXTERNAL_BAD_PARAMS, api.parse_revoke_request, body)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300) | _json_values.map(lambda v: json.dumps(v).encode())
+       | st.dictionaries(st.sampled_from(["value", "x"]), st.text(max_size=300) | _json_values, max_size=2)
+       .map(lambda v: json.dumps(v).encode()))
+def test_revoke_bodies_never_raise_but_400(body: bytes) -> None:
+    _only_clean_refusals(api.parse_revoke_request, body)
 
 
 _parts = st.lists(st.tuples(st.sampled_from(["sdp", "session", "x", ""]),

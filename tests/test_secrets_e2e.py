@@ -142,3 +142,33 @@ async def test_the_official_sdk_mints_and_uses_a_secret(tmp_path: Path) -> None:
             with trio.fail_after(15):
                 while await stack.credits(account_id) != 100_000 - tokens:
                     pass
+
+
+async def revoke(switch: procs.Daemon, key: str | None, body: dict | bytes) -> tuple[int, dict]:
+    status, _, payload = await post(switch.address, "/v1/realtime/client_secrets/revoke",
+                                    body if isinstance(body, bytes) else json.dumps(body).encode(), key)
+    return status, json.loads(payload)
+
+
+async def test_the_key_that_minted_a_secret_revokes_it(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with open_stack(tmp_path) as stack, procs.sim(tmp_path, "--fast") as sim:
+            account_id, key = await stack.account(tokens=10_000)
+            other_key = (await stack.cli("key", "create", "--account", account_id, "--label", "other"))["key"]
+            async with stack.switchd(f"{sim.address}/v1/realtime?model=gpt-realtime") as switch:
+                url = f"{switch.address}/v1/realtime?rs_sessid=r"
+                secret, kept = [(await mint(switch, key, {}))[1]["value"] for _ in range(2)]
+                # Only the key that minted it, and only a key: anything else changes nothing.
+                assert (await revoke(switch, other_key, {"value": secret}))[0] == 404
+                assert (await revoke(switch, kept, {"value": secret}))[0] == 401
+                assert (await revoke(switch, "rsk_unknown", {"value": secret}))[0] == 401
+                for body in (b"", b"{not json", {"value": 1}, {"value": "rsk_x"}, {"secret": secret}, ["ek_x"]):
+                    status, error = await revoke(switch, key, body)
+                    assert status == 400 and error["error"]["code"] == "EXTERNAL_BAD_PARAMS", body
+                async with open_websocket_url(url, subprotocols=browser_protocols(secret)) as ws:
+                    await until(ws, "session.created")
+                assert await revoke(switch, key, {"value": secret}) == (200, {"revoked": True})
+                assert (await rejected(url, subprotocols=browser_protocols(secret)))[0] == 401
+                assert (await revoke(switch, key, {"value": secret}))[0] == 404  # once
+                async with open_websocket_url(url, subprotocols=browser_protocols(kept)) as ws:
+                    await until(ws, "session.created")  # the key's other secrets stay usable
