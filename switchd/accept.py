@@ -34,6 +34,8 @@ class ResourceAlarm:
         self._error: OSError | None = None
 
     def failed(self, exc: OSError) -> None:
+        # Every failure at DEBUG only: at the descriptor limit they come ten times a second.
+        log.debug("%s failed: %s", self.what, errno.errorcode.get(exc.errno or 0, exc.errno))
         self.failures += 1
         self._error = exc
         self._first.set()

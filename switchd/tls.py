@@ -123,9 +123,6 @@ class TlsStream(trio.abc.Stream):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def send_eof(self) -> None:
-        raise NotImplementedError("TLS has no half-close")
-
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from common.dbclient import open_db_client
 from common.errors import ErrorCode, SwitchError
@@ -182,8 +183,14 @@ async def test_a_renewal_whose_answer_is_lost_never_frees_what_its_session_goes_
     conn.close()
 
 
+async def advance(clock: trio.testing.MockClock, seconds: float) -> None:
+    """Virtual time moves on by `seconds`; back once every task that woke is blocked again."""
+    clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_a_session_spends_no_more_of_a_lease_it_could_not_renew_before_it_lapses(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """switchdb away: the session goes on with what it holds, but not past LEASE_VALID_S after the
     last answered renewal was asked; by then switchdb (LEASE_S) may have given the lease to another."""
@@ -196,13 +203,12 @@ async def test_a_session_spends_no_more_of_a_lease_it_could_not_renew_before_it_
     ledger = Ledger(account_id, "s", "gpt-realtime", account.balance, lease_key=key)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_leases, ledger, store)
-        await trio.sleep(billing.RENEW_S + 1)  # virtual time (autojump clock): one renewal answered
+        await advance(autojump_clock, billing.RENEW_S + 1)  # one renewal answered
         assert ledger.credits == 4000 and ledger.lease_until is not None
         store.down = True
-        until = ledger.lease_until
-        await trio.sleep(until - trio.current_time() - 0.5)  # virtual time
+        await advance(autojump_clock, ledger.lease_until - trio.current_time() - 0.5)
         assert ledger.credits == 4000  # a renewal failed, the lease still stands: spent as held
-        await trio.sleep(1)  # virtual time
+        await advance(autojump_clock, 1)
         assert ledger.credits == 0  # lapsed: the next report cuts the session unless a renewal comes
         assert not await ledger.refill()
         store.down = False
