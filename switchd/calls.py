@@ -306,7 +306,7 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     session_id = _session_id(request_target)
     if switch.shutdown.is_set():
         raise SwitchError(ErrorCode.INTERNAL_SHUTTING_DOWN, "the switch is shutting down")
-    take_slot(switch)
+    switch.take_slot()  # before the provider is asked for anything
     try:
         account = Validated.decode(await switch.db.request(MessageType.VALIDATE_AND_LOAD, key, session_id))
         account, lease_key = await open_lease(switch.db, account)  # as a WebSocket session: none to be had is 402
@@ -322,16 +322,6 @@ async def create_call(switch: Switch, key: str, request_target: str, content_typ
     except BaseException:
         switch.metrics.sessions_open -= 1
         raise
-
-
-def take_slot(switch: Switch) -> None:
-    """Count a new call among the open sessions, within MAX_SESSIONS (a WebSocket session's check):
-    from here, so that concurrent requests respect it; the call gives it back when it ends.
-    Over the cap: EXTERNAL_OVER_CAPACITY (503), before the provider is asked for anything."""
-    limit, metrics = switch.settings.max_sessions, switch.metrics
-    if limit and metrics.sessions_open >= limit:
-        raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{limit} sessions open; try again later")
-    metrics.sessions_open += 1
 
 
 async def _start_call(switch: Switch, key: str, request: http_api.CallRequest, session_id: str, account: Validated,
@@ -390,7 +380,7 @@ class CallSession:
     async def run(self) -> None:
         started = time.monotonic()
         hang_up_now = False
-        self.switch.metrics.sessions_total += 1  # counted open since `take_slot`
+        self.switch.metrics.sessions_total += 1  # counted open since `Switch.take_slot`
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_sideband, nursery.cancel_scope)

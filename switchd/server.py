@@ -118,17 +118,15 @@ async def handle(
         return
     try:
         params = parse_client_request(target, head.headers, head.tokens(b"sec-websocket-protocol"))
-        if settings.max_sessions and metrics.sessions_open >= settings.max_sessions:
-            raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{settings.max_sessions} sessions open")
         if alarms is not None:
             # At the descriptor limit a session could never reach its provider: say so now, cleanly.
             if (error := can_open_socket()) is not None:
                 alarms.upstream_socket.failed(error)
                 raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, "no file descriptor left for an upstream")
+        switch.take_slot()
     except SwitchError as exc:
         await _reject(stream, target, exc, metrics)
         return
-    metrics.sessions_open += 1  # counted from here so concurrent handshakes respect MAX_SESSIONS
     try:
         previous = switch.sessions.get(params.session_id)
         if previous is not None and previous.client.closed is not None:

@@ -71,6 +71,15 @@ class Switch:
     # reconnects at once waits for its last conversation flush before its restore is loaded.
     sessions: dict[str, Session]
 
+    def take_slot(self) -> None:
+        """Count a new session (WebSocket or call) open, within MAX_SESSIONS; its owner gives the
+        slot back when it ends. Counted at admission, before anything is awaited, so that
+        concurrent handshakes respect the cap. Over it: EXTERNAL_OVER_CAPACITY (503)."""
+        limit, metrics = self.settings.max_sessions, self.metrics
+        if limit and metrics.sessions_open >= limit:
+            raise SwitchError(ErrorCode.EXTERNAL_OVER_CAPACITY, f"{limit} sessions open; try again later")
+        metrics.sessions_open += 1
+
 
 class Session:
     def __init__(

@@ -12,10 +12,11 @@ end of the stream, with or without close_notify, reads as b"" (as trio's https_c
 """
 from __future__ import annotations
 
-import os
 import ssl
 
 import trio
+
+from switchd.sendnow import send_now
 
 RECEIVE_BYTES = 256 * 1024
 
@@ -101,19 +102,10 @@ class TlsStream(trio.abc.Stream):
             self._sending.acquire_nowait()
         try:
             out = self._outgoing.read()
-            if not out:
-                return
-            if self._fd >= 0:
-                try:
-                    sent = os.write(self._fd, out)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"write failed: {exc}") from exc
-                if sent == len(out):
-                    return
-                out = out[sent:]
-            await self.transport.send_all(out)
+            if out:
+                await send_now(self._fd, self.transport, out)
+        except OSError as exc:  # os.write's; the transport's own come as BrokenResourceError
+            raise trio.BrokenResourceError(f"write failed: {exc}") from exc
         finally:
             self._sending.release()
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from switchd.sendnow import send_now
 from switchd.tls import TlsStream
 from switchd.websocket import Connection, Message, State
 from switchd.ws_codec import MAX_HEAD, HttpHead, check_upgrade_response, parse_head, upgrade_request
@@ -72,8 +73,7 @@ class WsConnection:
         self.last_data_at = trio.current_time()  # when the last data message arrived
         self._ws = Connection(server=server, max_message=max_message)
         self._lock = trio.StrictFIFOLock()
-        # Plain TCP: a write the kernel takes whole at once needs no trip through the scheduler
-        # (send_all yields after every send); what it does not take goes the usual way.
+        # Plain TCP: the socket written to at once (switchd.sendnow); TLS does the same inside.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._lost: Closed | None = None  # set once a write failed: the stream is unusable
         self._inbox: list[Message] = []  # parsed, not yet returned
@@ -145,15 +145,7 @@ class WsConnection:
             if trio.current_effective_deadline() == -math.inf:
                 await trio.sleep(0)  # noqa: ASYNC115 (already cancelled: raise before writing anything)
             try:
-                if self._fd >= 0:
-                    try:
-                        sent = os.write(self._fd, data)
-                    except BlockingIOError:
-                        sent = 0
-                    if sent == len(data):
-                        return
-                    data = data[sent:]
-                await self.stream.send_all(data)
+                await send_now(self._fd, self.stream, data)
             except _STREAM_ERRORS:
                 self._lost = Closed(1006, "connection lost")
             except trio.Cancelled:

@@ -148,8 +148,6 @@ def load(conn: Connection, secret: str, session_id: str, now: str) -> tuple[acco
     return account, key_hash, apply_config(sessions.restored_session(stored, conversation), config)
 
 
-
-
 # --- the operator's view (switchdb secret list / revoke) ------------------------------------------
 
 @attrs.frozen
