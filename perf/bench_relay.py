@@ -30,8 +30,9 @@ asyncio + websockets relay (perf.floor) takes plain ws:// and connects upstream 
     message, user and system apart), the engine's own CPU and the machine's busy cores;
 (d) capacity: the most realtime sessions with p99 added ≤ 5 ms, p99.9 added ≤ 20 ms and nothing
     lost — the (c) points, then bisection between the last pass and the first fail, bounded in time;
-(e) switchd beside perf.floor's relays in the same place (its dedicated core), N realtime sessions;
-(f) WORKERS=2 on one port.
+(e) switchd beside perf.floor's relays in the same place (its dedicated core), N realtime sessions,
+    and the bare Trio proxy's own capacity by (d)'s search: what any Trio relay holds here;
+(f) WORKERS=2 on one port, each worker at (d)'s capacity: CPU per message against one process at that load.
 
 The machine has 2 cores shared by the engine, switchd (and switchdb, and whatever else runs):
 every (c)/(d) row carries all their CPU so contention is visible.
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ DISTURBED_OTHERS_CORES = 0.25
 DISTURBED_STEAL_CORES = 0.10
 # (a)/(b) measure the relay itself: the peer answers audio only (no transcripts, no usage).
 PLAIN_PEER = ["--transcript-every", "0", "--response-every", "0"]
+
+
+@dataclass(frozen=True)
+class Relay:
+    """What realtime runs go through: its name (its CPU's key in the engine's summary), how the
+    clients reach it given a session-prefix tag, and the --watch flags for its processes."""
+    name: str
+    via: Callable[[str], list[str]]
+    watch: list[str]
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,10 @@ def _watch(env: Env) -> list[str]:
     return ["--watch", f"switchd={env.switchd.pid}", "--watch", f"switchdb={env.stack.db.pid}"]
 
 
+def switchd_relay(env: Env) -> Relay:
+    return Relay("switchd", env.through, _watch(env))
+
+
 async def wakeup_rtt(rounds: int) -> dict[str, Any]:
     """perf.wakeup in its own process: two processes' ping-pong round trip (two wake-ups), p50/p99 µs."""
     with trio.fail_after(120):
@@ -221,17 +235,18 @@ RELAY_NAMES = {"floor": "bare Trio TCP proxy", "threads": "blocking threads TCP 
 
 
 @asynccontextmanager
-async def bare_proxies(env: Env, tmp: Path, core: set[int] | None = None) -> AsyncIterator[dict[str, procs.Daemon]]:
-    """perf.floor's relays to the peer: "floor" (a Trio TCP proxy), "threads" (a blocking TCP proxy,
-    a thread per direction) and "websockets" (asyncio + websockets, to the peer's ws(s):// URL);
-    pinned to `core` (switchd's place) when given."""
+async def bare_proxies(env: Env, tmp: Path, core: set[int] | None = None, names: tuple[str, ...] = RELAYS
+                       ) -> AsyncIterator[dict[str, procs.Daemon]]:
+    """perf.floor's relays to the peer (those of `names`): "floor" (a Trio TCP proxy), "threads" (a
+    blocking TCP proxy, a thread per direction) and "websockets" (asyncio + websockets, to the peer's
+    ws(s):// URL); pinned to `core` (switchd's place) when given."""
     port = env.peer.getsockname()[1]
     ca = [] if env.tls is None else ["--ca", str(env.tls.ca)]
     flags = {"floor": ["--target-port", str(port)], "threads": ["--target-port", str(port), "--threads"],
              "websockets": ["--websockets", env.upstream_url(), *ca]}
     async with AsyncExitStack() as stack:
         proxies = {}
-        for name in RELAYS:
+        for name in names:
             proxies[name] = await stack.enter_async_context(procs.daemon(
                 [sys.executable, "-m", "perf.floor", *flags[name]], procs.base_env(), tmp / f"{name}.log", cwd=tmp))
             if core is not None:
@@ -326,6 +341,15 @@ async def pipelined(env: Env, plan: Plan, tmp: Path) -> dict[str, Any]:
             "cpu": {"direct": d["cpu"], "through": t["cpu"]}}
 
 
+def capacity_text(cap: dict[str, Any]) -> str:
+    """A capacity search's result in words: "43 (fails at 46)"."""
+    above = cap["bounded_above_by"]
+    if above is None:
+        return f"≥ {cap['sessions']} (every tried N held)"
+    saturated = " where the direct baseline itself was saturated" if cap.get("limited_by_baseline") else ""
+    return f"{cap['sessions']} (fails at {above}{saturated})"
+
+
 def _per_message(cpu: dict[str, Any] | None, key: str, messages: int) -> float | None:
     return cpu[key] / messages * 1e6 if cpu and messages else None
 
@@ -335,17 +359,19 @@ def _realtime_args(plan: Plan, n: int) -> list[str]:
             "--frame-ms", "20", "--connect-concurrency", "32", "--drain", DRAIN_S]
 
 
-async def realtime_point(env: Env, plan: Plan, n: int, tag: str) -> dict[str, Any]:
-    """N realtime sessions direct to the engine's peer, then through switchd; the added cost."""
+async def realtime_point(env: Env, plan: Plan, n: int, tag: str, relay: Relay | None = None) -> dict[str, Any]:
+    """N realtime sessions direct to the engine's peer, then through switchd (or `relay`); the added
+    cost. With `relay`, the "switchd_*" figures are that relay's."""
+    relay = relay or switchd_relay(env)
     common = _realtime_args(plan, n)
     started = time.monotonic()
     await quiesce(env.switchd)
     d = await engine(env, "--direct", *common)
-    t = await engine(env, *env.through(tag), *common, *_watch(env))
+    t = await engine(env, *relay.via(tag), *common, *relay.watch)
     await quiesce(env.switchd)
     lat_d, lat_t = d["latency_ms"] or {}, t["latency_ms"] or {}
     added = {q: lat_t.get(q, float("nan")) - lat_d.get(q, float("nan")) for q in ("p50", "p99", "p99.9")}
-    sw = t["cpu"].get("switchd") or {}
+    sw = t["cpu"].get(relay.name) or {}
     eng = t["cpu"].get("engine") or {}
     relayed = t["sent_in_window"] + t["received_in_window"]
     point = {
@@ -385,17 +411,18 @@ async def realtime_point(env: Env, plan: Plan, n: int, tag: str) -> dict[str, An
     return point
 
 
-async def measured_point(env: Env, plan: Plan, n: int, tag: str) -> dict[str, Any]:
+async def measured_point(env: Env, plan: Plan, n: int, tag: str, relay: Relay | None = None) -> dict[str, Any]:
     """A realtime point; re-measured once if it failed (the second attempt is the point)."""
-    point = await realtime_point(env, plan, n, tag)
+    point = await realtime_point(env, plan, n, tag, relay)
     if point["holds"] or not plan.retry_failed:
         return point
-    retry = await realtime_point(env, plan, n, f"{tag}r")
+    retry = await realtime_point(env, plan, n, f"{tag}r", relay)
     retry["failed_attempts"] = [{k: point[k] for k in ("added_ms", "lost", "holds", "baseline_ok", "cpu")}]
     return retry
 
 
-async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[str, Any]:
+async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]], relay: Relay | None = None
+                   ) -> dict[str, Any]:
     """Step search: the (c) points bracket the limit; bisect inside the bracket until the budget runs out."""
     tried = {p["sessions"]: p for p in points}
     # Capacity is the last N before the first failure: a pass above a failure (e.g. when both
@@ -407,7 +434,7 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
     # Bounded: each step halves the bracket, and no step starts past the time budget.
     while hi is not None and hi - lo > max(5, lo // 10) and time.monotonic() < deadline and len(steps) < 8:
         mid = (lo + hi) // 2
-        p = await measured_point(env, plan, mid, f"cap{mid}")
+        p = await measured_point(env, plan, mid, f"cap{mid}", relay)
         tried[mid] = p
         steps.append({"sessions": mid, "holds": p["holds"], "baseline_ok": p["baseline_ok"],
                       "added_p99_ms": p["added_ms"]["p99"], "added_p99.9_ms": p["added_ms"]["p99.9"],
@@ -421,7 +448,10 @@ async def capacity(env: Env, plan: Plan, points: list[dict[str, Any]]) -> dict[s
         "limited_by_baseline": bool(hi is not None and not tried[hi]["baseline_ok"]),
         "search_steps": steps,
         "points": {str(n): {"holds": p["holds"], "baseline_ok": p["baseline_ok"], "added_p99_ms": p["added_ms"]["p99"],
-                            "added_p99.9_ms": p["added_ms"]["p99.9"], "lost": p["lost"]["through"]}
+                            "added_p99.9_ms": p["added_ms"]["p99.9"], "lost": p["lost"]["through"],
+                            "connect_failed": p["connect_failed"]["through"],
+                            "cpu_pct_of_core": p["switchd_cpu_pct_of_core"],
+                            "us_per_relayed_message": p["switchd_us_per_relayed_message"]}
                    for n, p in sorted(tried.items())},
     }
 
@@ -452,9 +482,23 @@ async def floor_comparison(env: Env, plan: Plan, tmp: Path, core: set[int] | Non
                 "lost": r["lost"],
                 "cpu_pct_of_core": cpu.get("pct_of_one_core"),
                 "us_per_relayed_message": _per_message(cpu, "cpu_s", relayed),
+                "user_us_per_relayed_message": _per_message(cpu, "user_s", relayed),
+                "system_us_per_relayed_message": _per_message(cpu, "system_s", relayed),
             }
+    # The bare Trio proxy's own capacity, by the same search and limits as switchd's: how many
+    # realtime sessions any Trio relay can hold in this place, doing nothing but moving bytes. Alone
+    # on the core, as switchd was for its own.
+    async with bare_proxies(env, tmp, core, names=("floor",)) as alone:
+        proxy = alone["floor"]
+        bare = Relay("floor", lambda _tag: _via(env, proxy, "floor"), ["--watch", f"floor={proxy.pid}"])
+        points: list[dict[str, Any]] = []
+        for size in (s for s in plan.ns if s > 1 or len(plan.ns) == 1):
+            points.append(await measured_point(env, plan, size, f"fl{size}", bare))
+            if not points[-1]["holds"]:
+                break
+        floor_capacity = await capacity(env, plan, points, bare)
     f, t, w, a = runs["floor"], runs["threads"], runs["switchd"], runs["websockets"]
-    return {"sessions": n, "floor": f, "threads": t, "websockets": a, "switchd": w,
+    return {"sessions": n, "floor": f, "threads": t, "websockets": a, "switchd": w, "floor_capacity": floor_capacity,
             "ratio_closed_p50_vs_websockets": ratio(w["closed_p50_ms"], a["closed_p50_ms"]),
             "ratio_us_per_message_vs_websockets": ratio(w["us_per_relayed_message"] or float("nan"),
                                                         a["us_per_relayed_message"] or float("nan")),
@@ -476,13 +520,18 @@ async def _worker_counts(urls: list[str]) -> list[dict[str, float]]:
     return counts
 
 
-async def workers_comparison(env: Env, plan: Plan, single: dict[str, Any]) -> dict[str, Any]:
-    """(f) WORKERS processes on one port, each at the load of (e)'s one switchd: CPU per message against it.
+async def workers_comparison(env: Env, plan: Plan, cap: dict[str, Any]) -> dict[str, Any]:
+    """(f) WORKERS processes on one port, each at the load one switchd holds within the limits ((d)'s
+    capacity): CPU per message against that one process at that load.
 
     Equal per-message cost at equal per-process load means each added core adds a whole
     process's capacity; the kernel's spread of the sessions over the workers is the other half.
+    (At a load that saturates one process, WORKERS of them and the load engine together would ask
+    more of this 2-core machine than it has: the run would measure the overload, not the workers.)
     """
-    n = WORKERS * plan.floor_sessions
+    per_process = cap["sessions"] or min(map(int, cap["points"]))
+    single = cap["points"][str(per_process)]
+    n = WORKERS * per_process
     async with env.stack.switchd(env.upstream_url(), name="workers", WORKERS=str(WORKERS),
                                  **env.switchd_env()) as supervisor:
         urls = [f"http://127.0.0.1:{p}/metrics" for p in supervisor.ready_line.split()[-1].split(",")]
@@ -499,7 +548,7 @@ async def workers_comparison(env: Env, plan: Plan, single: dict[str, Any]) -> di
     total_cpu = sum(c.get("cpu_s") or 0.0 for c in cpu)
     per_message = total_cpu / relayed * 1e6 if relayed and all(c.get("cpu_s") is not None for c in cpu) else None
     return {
-        "workers": WORKERS, "sessions": n, "sessions_per_process": plan.floor_sessions,
+        "workers": WORKERS, "sessions": n, "sessions_per_process": per_process,
         "sessions_per_worker": [int(a["sessions"] - b["sessions"]) for a, b in zip(after, before)],
         "frames_per_worker": [int(a["frames"] - b["frames"]) for a, b in zip(after, before)],
         "latency_ms": r["latency_ms"], "lost": r["lost"], "connect_failed": r["connect_failed"],
@@ -555,7 +604,7 @@ async def one_upstream(plan: Plan, tmp: Path, tls: TlsFiles | None, full: bool =
                                                ) if full else None
                 lap("floor")
             # Every core for the workers, the engine among them, as an operator would run WORKERS.
-            workers = await workers_comparison(env, plan, floor["switchd"]) if floor is not None else None
+            workers = await workers_comparison(env, plan, cap) if cap is not None else None
             lap("workers")
     return {"upstream_url": url, "closed_loop": closed, "pipelined": flood, "realtime": points,
             "capacity": cap, "floor": floor, "workers": workers, "placement": placement, "memory": mem,
@@ -705,23 +754,28 @@ def _print(r: dict[str, Any]) -> None:
          "run; (2nd try) = the first attempt failed and the point was measured again")
     cap = r["capacity"]
     if cap is not None:
-        above = cap["bounded_above_by"]
-        why = ("every tried N held" if above is None else f"fails at {above}"
-               + (" where the direct baseline itself was saturated" if cap["limited_by_baseline"] else ""))
-        emit(f"Relay (d): capacity = {cap['sessions']} realtime sessions per switchd process ({why}; "
-             f"{cap['criterion']}; {len(cap['search_steps'])} bisection step(s))")
+        emit(f"Relay (d): capacity = {capacity_text(cap)} realtime sessions per switchd process ({cap['criterion']}; "
+             f"{len(cap['search_steps'])} bisection step(s))")
     fl = r["floor"]
     if fl is not None:
         emit(table(f"Relay (e): switchd vs perf.floor's relays in the same place — {fl['sessions']} realtime "
                    "sessions, and a closed loop of 1 KB frames",
                    ["relay", "closed p50 ms", "realtime p50 ms", "realtime p99 ms", "lost", "CPU % of a core",
-                    "µs/msg"],
+                    "µs/msg", "user", "sys"],
                    [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p50"),
                      (x["realtime_latency_ms"] or {}).get("p99"), x["lost"], x["cpu_pct_of_core"],
-                     x["us_per_relayed_message"]] for name, x in (("bare Trio proxy", fl["floor"]),
+                     x["us_per_relayed_message"], x.get("user_us_per_relayed_message"),
+                     x.get("system_us_per_relayed_message")] for name, x in (("bare Trio proxy", fl["floor"]),
                                                                    ("blocking threads proxy", fl["threads"]),
                                                                    ("asyncio + websockets relay", fl["websockets"]),
                                                                    ("switchd", fl["switchd"]))], digits=3))
+        fc = fl.get("floor_capacity")
+        if fc is not None:
+            emit(f"The bare Trio proxy's capacity in the same place, by (d)'s search and limits: {capacity_text(fc)}; "
+                 "tried: " + ", ".join(
+                     f"{n} {'holds' if p['holds'] else 'fails'} (+p99 {fmt(p['added_p99_ms'])} ms, +p99.9 "
+                     f"{fmt(p['added_p99.9_ms'])} ms, lost {p['lost']}, connects failed {p.get('connect_failed')}, "
+                     f"{fmt(p.get('cpu_pct_of_core'), 0)} % of a core)" for n, p in fc["points"].items()))
         emit(f"switchd / asyncio + websockets relay: closed-loop p50 ×{fmt(fl['ratio_closed_p50_vs_websockets'])}, "
              f"CPU per message ×{fmt(fl['ratio_us_per_message_vs_websockets'])}")
         emit(f"switchd / bare Trio proxy: closed-loop p50 ×{fl['ratio_closed_p50'] or float('nan'):.2f}, "
@@ -746,7 +800,7 @@ def _kib(value: float | None) -> float | None:
 def _print_workers(w: dict[str, Any]) -> None:
     lat = w["latency_ms"] or {}
     emit(f"Relay (f): WORKERS={w['workers']} on one port, {w['sessions']} realtime sessions "
-         f"({w['sessions_per_process']} a worker, as (e)'s one switchd): sessions per worker "
+         f"({w['sessions_per_process']} a worker, (d)'s capacity of one switchd): sessions per worker "
          f"{'/'.join(map(str, w['sessions_per_worker']))}, CPU "
          f"{'/'.join(f'{fmt(c, 0)} %' for c in w['cpu_pct_of_core_per_worker'])} of a core; "
          f"{fmt(w['us_per_relayed_message'])} µs per message against {fmt(w['one_process_us_per_relayed_message'])} "

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from perf.bench_relay import RELAY_NAMES, SIDE_BY_SIDE_TITLE, UPSTREAMS, side_by_side
+from perf.bench_relay import RELAY_NAMES, SIDE_BY_SIDE_TITLE, UPSTREAMS, capacity_text, side_by_side
 from perf import targets
 from perf.report import DEFAULT_RESULTS, fmt
 
@@ -100,19 +100,21 @@ def _relay_section(env: dict[str, Any]) -> list[str]:
                           for p in path["realtime"]]), ""]
         cap = path.get("capacity")
         if cap:
-            above = cap["bounded_above_by"]
-            out += [f"(d) Capacity: {cap['sessions']} sessions per switchd process "
-                    f"({'every tried N held' if above is None else f'fails at {above}'}; {cap['criterion']}).", ""]
+            out += [f"(d) Capacity: {capacity_text(cap)} sessions per switchd process ({cap['criterion']}).", ""]
         fl = path.get("floor")
         if fl:
             out += [f"(e) In switchd's place, {fl['sessions']} realtime sessions and a closed loop.", "",
-                    md_table(["relay", "closed p50 ms", "realtime p99 ms", "lost", "µs/msg"],
+                    md_table(["relay", "closed p50 ms", "realtime p99 ms", "lost", "µs/msg", "user µs", "sys µs"],
                              [[name, x["closed_p50_ms"], (x["realtime_latency_ms"] or {}).get("p99"), x["lost"],
-                               x["us_per_relayed_message"]]
+                               x["us_per_relayed_message"], x.get("user_us_per_relayed_message"),
+                               x.get("system_us_per_relayed_message")]
                               for name, x in (("switchd", fl["switchd"]), ("asyncio + websockets relay",
                                                                            fl.get("websockets")),
                                               ("bare Trio TCP proxy", fl["floor"]),
                                               ("blocking threads TCP proxy", fl["threads"])) if x], digits=3), ""]
+            if fl.get("floor_capacity"):
+                out += ["The bare Trio TCP proxy's own capacity in switchd's place, by (d)'s search and limits: "
+                        f"{capacity_text(fl['floor_capacity'])} sessions.", ""]
         w = path.get("workers")
         if w:
             out += [f"(f) WORKERS={w['workers']}: {w['sessions']} sessions "

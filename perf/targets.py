@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from perf.bench_relay import PIPELINE_WINDOW, TARGET_SESSIONS
+from perf.bench_relay import PIPELINE_WINDOW, TARGET_SESSIONS, capacity_text
 from perf.report import fmt, table
 
 MET, NOT_MET, NOT_MEASURED = "MET", "NOT MET", "NOT MEASURED"
 REPORTED = "REPORTED"  # a figure the issue asks to see, with no goal to meet
+CPU_PER_MESSAGE_GOAL_US = 25.0
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,29 @@ def tls_path(read: Reading) -> Reading:
     return both
 
 
+def _beside_bare_proxy(r: dict[str, Any]) -> str:
+    """The bare Trio TCP proxy's capacity in switchd's place ((e)): what any Trio relay holds here."""
+    fc = (r.get("floor") or {}).get("floor_capacity")
+    return f"; a bare Trio TCP proxy in its place: {capacity_text(fc)}" if fc else ""
+
+
 def _capacity(r: dict[str, Any]) -> tuple[float | None, str]:
     cap = r["capacity"]
-    above = cap["bounded_above_by"]
-    if above is None:
+    shown = capacity_text(cap) + _beside_bare_proxy(r)
+    if cap["bounded_above_by"] is None:
         # Every tried N held: the capacity is at least that, which only settles the target if it reached it.
-        shown = f"≥ {cap['sessions']} (every tried N held)"
         return (cap["sessions"] if cap["sessions"] >= TARGET_SESSIONS else None), shown
-    why = " (direct baseline saturated there)" if cap.get("limited_by_baseline") else ""
-    return cap["sessions"], f"{cap['sessions']} (fails at {above}{why})"
+    return cap["sessions"], shown
+
+
+def _failed_below(r: dict[str, Any]) -> int | None:
+    """Where switchd missed its latency limits below TARGET_SESSIONS with the direct baseline within
+    its own (latency only grows with load): None if it did not."""
+    cap = r.get("capacity") or {}
+    above = cap.get("bounded_above_by")
+    if above is not None and above < TARGET_SESSIONS and not cap.get("limited_by_baseline"):
+        return int(above)
+    return None
 
 
 def _workers(r: dict[str, Any]) -> tuple[float | None, str]:
@@ -81,6 +96,10 @@ def _added_at(q: str) -> Reading:
             return None, f"no run at ≥{TARGET_SESSIONS} sessions"
         v = p["added_ms"][q]
         if not p.get("baseline_ok", True):  # the difference of two saturated runs says nothing about switchd
+            failed = _failed_below(r)
+            if failed is not None:
+                return v, (f"{fmt(v)} ms at {p['sessions']} sessions (direct baseline saturated there; switchd "
+                           f"already missed the limits at {failed} sessions with the baseline within them)")
             return None, f"{fmt(v)} ms at {p['sessions']} sessions, but the direct baseline was saturated there"
         return v, f"{fmt(v)} ms at {p['sessions']} sessions"
     return read
@@ -114,11 +133,20 @@ def _cpu_per_msg(r: dict[str, Any]) -> tuple[float | None, str]:
                        if q is not shown_p and q["sessions"] > 1 and q["switchd_us_per_relayed_message"] is not None)
     shown = (f"{fmt(v)} µs{split} at {shown_p['sessions']} sessions ({fmt(shown_p['switchd_cpu_pct_of_core'], 0)}% "
              f"of a core)" + (f"; {others}" if others else ""))
-    # A saturated machine batches more messages per wake-up: its lower cost per message is not a pass.
+    # A saturated machine batches more messages per wake-up: its lower cost per message is not a
+    # pass, but a cost above the goal even so is a miss.
     if p is not None and not p.get("baseline_ok", True):
         shown += " — the direct baseline was saturated there"
+        judged = v > CPU_PER_MESSAGE_GOAL_US
     elif p is not None and not p.get("holds", True):
         shown += " — while that point missed its latency limits"
+    fl = r.get("floor")
+    if fl:
+        shown += f"; in its place at {fl['sessions']} sessions: " + ", ".join(
+            f"{name} {fmt(x['us_per_relayed_message'])}"
+            + (f" ({fmt(x['system_us_per_relayed_message'])} sys)" if x.get("system_us_per_relayed_message") else "")
+            for name, x in (("bare Trio TCP proxy", fl["floor"]), ("blocking threads TCP proxy", fl["threads"]),
+                            ("asyncio + websockets relay", fl["websockets"])))
     return (v if judged else None), shown
 
 
@@ -196,8 +224,8 @@ TARGETS: list[Target] = [
     # Near-linear: each added core (one more worker) brings at least 80 % of a whole process's capacity.
     Target("worker processes sharing the port: CPU per message vs one process at the same per-process load",
            "≤ 1.25×", "relay", tls_path(_workers), lambda v: v <= 1.25),
-    Target(f"switchd CPU per relayed message at {TARGET_SESSIONS} realtime sessions", "≤ 25 µs", "relay",
-           tls_path(_cpu_per_msg), lambda v: v <= 25),
+    Target(f"switchd CPU per relayed message at {TARGET_SESSIONS} realtime sessions",
+           f"≤ {CPU_PER_MESSAGE_GOAL_US:g} µs", "relay", tls_path(_cpu_per_msg), lambda v: v <= CPU_PER_MESSAGE_GOAL_US),
     # Reported, not judged: the bound is the connection layer's stated limit, not a benchmark goal.
     Target("switchd memory per idle session", "reported", "relay", tls_path(_memory("idle_bytes_per_session")),
            None),

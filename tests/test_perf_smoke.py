@@ -117,8 +117,15 @@ def test_relay_tls_path_is_complete_and_nothing_lost(results: Path) -> None:
         # CPU is read in clock ticks (10 ms): a relay this short may read 0 µs, but it must have been read
         # over relayed messages (None means the process was not watched or nothing was relayed).
         assert floor[name]["us_per_relayed_message"] is not None
+    # The bare Trio proxy's own capacity, searched as switchd's: its points were run through it, nothing lost.
+    bare = floor["floor_capacity"]
+    assert bare["points"] and all(p["lost"] == 0 for p in bare["points"].values())
+    assert bare["sessions"] in (0, *map(int, bare["points"]))
     workers = tls["workers"]  # WORKERS=2 on one port: every session landed on a worker, nothing lost
-    assert workers["workers"] == 2 and workers["sessions"] == 2 * relay["plan"]["floor_sessions"]
+    # Each worker at the load one switchd held within the limits ((d)'s capacity).
+    capacity = tls["capacity"]
+    assert workers["sessions_per_process"] == (capacity["sessions"] or min(map(int, capacity["points"])))
+    assert workers["workers"] == 2 and workers["sessions"] == 2 * workers["sessions_per_process"]
     assert sum(workers["sessions_per_worker"]) == workers["sessions"] and workers["lost"] == 0
     assert sum(workers["frames_per_worker"]) > 0 and workers["us_per_relayed_message"] is not None
     assert all(pct is not None for pct in workers["cpu_pct_of_core_per_worker"])

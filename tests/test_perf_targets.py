@@ -87,3 +87,35 @@ def test_cpu_per_message_on_a_saturated_machine_is_not_a_pass() -> None:
     assert row["status"] == targets.NOT_MEASURED and "saturated" in row["measured"]
     row = _row("switchd CPU per relayed", _relay({"realtime": [{**point, "baseline_ok": True}]}))
     assert row["status"] == targets.MET and "missed its latency limits" in row["measured"]
+
+
+def test_cpu_per_message_above_the_goal_is_a_miss_even_on_a_saturated_machine() -> None:
+    # Saturation only lowers the cost per message (more messages per wake-up): above the goal even so, it missed.
+    point = {"sessions": 150, "switchd_us_per_relayed_message": 62.0, "switchd_cpu_pct_of_core": 100.0,
+             "baseline_ok": False, "holds": False}
+    floor = {"sessions": 150, **{name: {"us_per_relayed_message": us, "system_us_per_relayed_message": 11.0}
+                                 for name, us in (("floor", 48.0), ("threads", 30.0), ("websockets", 60.0))}}
+    row = _row("switchd CPU per relayed", _relay({"realtime": [point], "floor": floor}))
+    assert row["status"] == targets.NOT_MET
+    assert "bare Trio TCP proxy 48.00 (11.00 sys), blocking threads TCP proxy 30.00" in row["measured"]
+
+
+def _capacity(sessions: int, fails_at: int | None, limited_by_baseline: bool = False) -> dict[str, Any]:
+    return {"sessions": sessions, "bounded_above_by": fails_at, "limited_by_baseline": limited_by_baseline}
+
+
+def test_a_saturated_tail_is_a_miss_once_switchd_failed_below_the_target_with_a_sound_baseline() -> None:
+    failed_below = {**_path(80.0, baseline_ok=False), "capacity": _capacity(43, 46)}
+    row = _row("p99.9 added", _relay(failed_below))
+    assert row["status"] == targets.NOT_MET and "missed the limits at 46 sessions" in row["measured"]
+    # A failure that was itself the baseline's says nothing either.
+    unsure = {**_path(80.0, baseline_ok=False), "capacity": _capacity(43, 46, limited_by_baseline=True)}
+    assert _status("p99.9 added", _relay(unsure)) == targets.NOT_MEASURED
+
+
+def test_capacity_shows_the_bare_trio_proxy_in_its_place() -> None:
+    path = {"capacity": _capacity(43, 46), "floor": {"floor_capacity": _capacity(131, 137)}}
+    row = _row("realtime sessions per switchd process", _relay(path))
+    assert row["status"] == targets.NOT_MET
+    assert row["measured"].startswith("TLS: 43 (fails at 46); a bare Trio TCP proxy in its place: 131 (fails at 137)")
+    assert _row("realtime sessions per", _relay({"capacity": _capacity(160, None)}))["status"] == targets.MET
