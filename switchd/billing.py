@@ -127,9 +127,10 @@ class Ledger:
         self.renewed.set()
         self.renewed = trio.Event()
 
-    def lapsed(self) -> None:
-        """The lease may be void by now (no renewal answered for LEASE_VALID_S): spend no more of it."""
-        self.credits = min(self.credits, 0)
+    def lapse_if_due(self) -> None:
+        """Once the lease may be void (no renewal answered for LEASE_VALID_S), spend no more of it."""
+        if self.lease_until is not None and trio.current_time() >= self.lease_until:
+            self.credits = min(self.credits, 0)
 
     async def refill(self) -> bool:
         """Whether the session may go on once its credits are spent: with a lease, after one more renewal."""
@@ -310,8 +311,7 @@ async def renew_lease(ledger: Ledger, db: DbClient) -> None:
         )
     except SwitchError as exc:
         log.warning("lease not renewed (%s)", exc.code)
-        if ledger.lease_until is not None and trio.current_time() >= ledger.lease_until:
-            ledger.lapsed()
+        ledger.lapse_if_due()
         ledger.answered()
         return
     ledger.leased(granted, recorded, asked_at)
@@ -328,8 +328,7 @@ async def run_leases(ledger: Ledger, db: DbClient) -> None:
             with trio.move_on_after(min(RENEW_S, left) if left > 0 else RENEW_S):  # woken at the lapse once
                 await ledger.renew.wait()
             ledger.renew = trio.Event()
-            if trio.current_time() >= ledger.lease_until:
-                ledger.lapsed()
+            ledger.lapse_if_due()
             await renew_lease(ledger, db)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(LEASE_WAIT_S):

@@ -7,14 +7,13 @@ Errors are one line on stderr (`switchdb: ...`), exit status 1 (2 for bad argume
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from common.config import Settings, load_settings, read_env_file
 from common.errors import ErrorCode, SwitchError
@@ -91,10 +90,6 @@ def _future_time(text: str) -> str:
 # --- output -----------------------------------------------------------------------------------
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    print(json.dumps(data, ensure_ascii=False) if args.json else text, flush=True)
-
-
 def _account_text(a: accounts.Account) -> str:
     if a.unit == ledger.USD:
         usd = ledger.format_usd
@@ -120,7 +115,7 @@ def _key_text(k: accounts.ApiKey) -> str:
 
 def cmd_migrate(args: argparse.Namespace, conn: Connection, applied_now: list[str]) -> None:
     names = applied_migrations(conn)
-    _emit(
+    cli_ledger.emit(
         args,
         {"migrations": names, "applied_now": applied_now},
         f"schema up to date: {len(names)} migrations ({len(applied_now)} applied now), latest {names[-1]}",
@@ -132,12 +127,12 @@ def cmd_account_create(args: argparse.Namespace, conn: Connection) -> None:
     markup = ledger.DEFAULT_MARKUP if args.markup is None else cli_ledger.parse_markup(args.markup, name="--markup")
     with transaction(conn):
         account = accounts.create_account(conn, args.email, args.plan, args.tokens, args.topup, usd=usd, markup=markup)
-    _emit(args, account.as_json(), _account_text(account))
+    cli_ledger.emit(args, account.as_json(), _account_text(account))
 
 
 def cmd_account_show(args: argparse.Namespace, conn: Connection) -> None:
     account = accounts.find_account(conn, args.account)
-    _emit(args, account.as_json(), _account_text(account))
+    cli_ledger.emit(args, account.as_json(), _account_text(account))
 
 
 def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
@@ -157,18 +152,18 @@ def cmd_key_create(args: argparse.Namespace, conn: Connection) -> None:
         f"key_hash   {key.key_hash}\nindicator  {key.key_indicator}\naccount    {key.account_id}\n"
         f"label      {key.label}\nexpires    {key.expires_at or 'never'}"
     )
-    _emit(args, data, text)
+    cli_ledger.emit(args, data, text)
 
 
 def cmd_key_list(args: argparse.Namespace, conn: Connection) -> None:
     keys = accounts.list_keys(conn, cli_ledger.account_id(conn, args.account))
-    _emit(args, {"keys": [k.as_json() for k in keys]}, "\n".join(map(_key_text, keys)) or "no keys")
+    cli_ledger.emit(args, {"keys": [k.as_json() for k in keys]}, "\n".join(map(_key_text, keys)) or "no keys")
 
 
 def cmd_key_revoke(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
         key = accounts.revoke_key(conn, args.key)
-    _emit(args, key.as_json(), f"revoked {key.key_indicator} ({key.key_hash}) at {key.revoked_at}")
+    cli_ledger.emit(args, key.as_json(), f"revoked {key.key_indicator} ({key.key_hash}) at {key.revoked_at}")
 
 
 def _demo_key(conn: Connection, account_id: str, key_file: Path) -> str:
@@ -206,7 +201,7 @@ def cmd_seed(args: argparse.Namespace, conn: Connection, settings: Settings) -> 
         f"demo account  {account.id} ({DEMO_EMAIL}, {account.plan_name}, {account.credits} credits)"
         f"{' created' if created else ''}\ndemo key      {key} (kept in {key_file})\nsession id    {DEMO_SESSION_ID}"
     )
-    _emit(args, data, text)
+    cli_ledger.emit(args, data, text)
 
 
 # Every table a deployment holds, in an order that satisfies the foreign keys. Summary claims
@@ -285,7 +280,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> None:
     finally:
         source.close()
     where = store_name(settings)
-    _emit(
+    cli_ledger.emit(
         args,
         {"copied": copied, "source": settings.db_path, "target": where},
         f"copied {settings.db_path} to {where}: "
@@ -343,7 +338,7 @@ def cmd_ping(args: argparse.Namespace) -> None:
             ErrorCode.INTERNAL_DB_UNAVAILABLE, f"switchdb at {endpoint} did not answer within {timeout_ms} ms"
         )
     latency_ms = round(seconds * 1000, 3)
-    _emit(
+    cli_ledger.emit(
         args,
         {"ok": True, "endpoint": endpoint, "latency_ms": latency_ms},
         f"switchdb at {endpoint} answered in {latency_ms} ms",

@@ -22,7 +22,8 @@ from switchdb.db import Connection, transaction
 Command = Callable[..., argparse.ArgumentParser]
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    """A command's result: JSON with --json, else the text (every CLI command prints through this)."""
     print(json.dumps(data, ensure_ascii=False) if args.json else text, flush=True)
 
 
@@ -67,7 +68,7 @@ def _price_text(rows: list[dict[str, Any]]) -> str:
 def cmd_price_list(args: argparse.Namespace, conn: Connection) -> None:
     book = prices.load_book(conn)
     rows = prices.price_rows(book)
-    _emit(
+    emit(
         args,
         {"prices": rows, "fallback": book.fallback, "transcription_fallback": book.transcription_fallback,
          "unit": "USD per 1M tokens; per_minute: USD per minute"},
@@ -95,14 +96,14 @@ def cmd_price_set(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
         book = prices.set_price(conn, args.model, rates, args.source, args.as_of)
     row = next(r for r in prices.price_rows(book) if r["model"] == args.model)
-    _emit(args, row, _price_text([row]))
+    emit(args, row, _price_text([row]))
 
 
 def cmd_price_fallback(args: argparse.Namespace, conn: Connection) -> None:
     with transaction(conn):
         book = prices.set_fallback(conn, args.model, args.transcription)
     data = {"fallback": book.fallback, "transcription_fallback": book.transcription_fallback}
-    _emit(args, data, f"fallback {book.fallback}; transcription fallback {book.transcription_fallback}")
+    emit(args, data, f"fallback {book.fallback}; transcription fallback {book.transcription_fallback}")
 
 
 # --- accounts ---------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def cmd_account_list(args: argparse.Namespace, conn: Connection) -> None:
     if where:
         sql += " WHERE " + " AND ".join(where)
     rows = [accounts.Account(*row) for row in conn.execute(sql + " ORDER BY created_at, id", params)]
-    _emit(args, {"accounts": [a.as_json() for a in rows]}, _list_text(rows))
+    emit(args, {"accounts": [a.as_json() for a in rows]}, _list_text(rows))
 
 
 def _pg(conn: Connection) -> bool:
@@ -141,7 +142,7 @@ def _pg(conn: Connection) -> bool:
 def _show(args: argparse.Namespace, account: accounts.Account) -> None:
     from switchdb.cli import _account_text
 
-    _emit(args, account.as_json(), _account_text(account))
+    emit(args, account.as_json(), _account_text(account))
 
 
 def cmd_account_set(args: argparse.Namespace, conn: Connection) -> None:
@@ -199,7 +200,7 @@ def cmd_credits_history(args: argparse.Namespace, conn: Connection) -> None:
     lines += [f"{u['day']}  usage   {ledger.format_amount(unit, u['amount']):>22}  {u['batches']} batches"
               for u in data["usage"]]
     lines.append(f"balance {ledger.format_amount(unit, data['balance'])} {unit}")
-    _emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(lines))
 
 
 # --- statements -------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def cmd_usage(args: argparse.Namespace, conn: Connection) -> None:
     for group in data.get("groups", []):
         text += f"\n{data['by']} {group[data['by']]}: {group['total_tokens']} tokens, cost ${group['cost_usd']}," \
                 f" charged ${group['charged_usd']}"
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 # --- parsing ----------------------------------------------------------------------------------

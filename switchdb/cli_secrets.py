@@ -7,16 +7,11 @@ from now on; the sessions and calls it opened end at their next check (CHECK_SEC
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
 from switchdb import cli_ledger, secrets
 from switchdb.db import Connection, transaction, utc_now
-
-
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    print(json.dumps(data, ensure_ascii=False) if args.json else text, flush=True)
 
 
 def _text(secret: secrets.SecretInfo, now: str) -> str:
@@ -29,7 +24,7 @@ def cmd_secret_list(args: argparse.Namespace, conn: Connection) -> None:
     account_id = cli_ledger.account_id(conn, args.account)
     now = utc_now()
     found = secrets.list_secrets(conn, account_id)
-    _emit(args, {"account_id": account_id, "secrets": [s.as_json(now) for s in found]},
+    cli_ledger.emit(args, {"account_id": account_id, "secrets": [s.as_json(now) for s in found]},
           "\n".join(_text(s, now) for s in found) or f"no client secrets for {account_id}")
 
 
@@ -37,7 +32,7 @@ def cmd_secret_revoke(args: argparse.Namespace, conn: Connection) -> None:
     now = utc_now()
     with transaction(conn):
         secret = secrets.revoke_secret(conn, args.secret, now)
-    _emit(args, secret.as_json(now), f"revoked client secret {secret.id} at {secret.revoked_at}")
+    cli_ledger.emit(args, secret.as_json(now), f"revoked client secret {secret.id} at {secret.revoked_at}")
 
 
 def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
